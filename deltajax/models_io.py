@@ -1,0 +1,59 @@
+"""Resolve a model argument ('smollm2', an HF directory, or a converted checkpoint) to params."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from deltajax import checkpoint, hf
+from deltajax import model as M
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """'smollm2' -> the cached SmolLM2 HF dir (created on first use); else the path itself."""
+    if spec in ("smollm2", "smollm2-135m-instruct"):
+        from deltajax.smollm import smollm2_hf_dir
+
+        return smollm2_hf_dir()
+    p = Path(os.path.expanduser(spec))
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model not found: {spec!r} (expected an HF directory, a converted "
+            "checkpoint, or 'smollm2')"
+        )
+    return p
+
+
+def is_converted_checkpoint(p: Path) -> bool:
+    return (p / checkpoint.META_FILE).exists() and not (p / "config.json").exists()
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's own tokenizer (offline), or None if the directory has none."""
+    p = Path(path)
+    if not any((p / m).exists() for m in TOKENIZER_MARKERS):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def load_model(spec: str, *, dtype=None, progress: bool = False):
+    """(params, cfg, tokenizer or None, source dir) for an HF dir, converted checkpoint or 'smollm2'."""
+    p = resolve_model_dir(spec)
+    if is_converted_checkpoint(p):
+        params, cfg = checkpoint.load_params_ckpt(p, dtype=dtype)
+    else:
+        cfg = hf.load_config(p)
+        params = hf.load_params(p, cfg, dtype=dtype, progress=progress)
+    return params, cfg, load_tokenizer(p), p
+
+
+def describe(cfg: M.ModelConfig) -> str:
+    return (
+        f"{cfg.model_type} L={cfg.num_hidden_layers} d={cfg.hidden_size} "
+        f"heads={cfg.num_attention_heads}/{cfg.num_key_value_heads} "
+        f"ffn={cfg.intermediate_size} vocab={cfg.vocab_size} params={cfg.num_params() / 1e6:.1f}M"
+    )

@@ -1,0 +1,128 @@
+"""Primitive ops of the Llama-family decoder.
+
+`linear` is the single place where a weight meets an activation. A weight is either a dense
+array in Hugging Face `(out, in)` layout, or any object implementing the `LinearOperand`
+protocol (e.g. `deltajax.delta.DeltaWeight`: a base array plus a compressed delta that is applied
+on the fly). Every projection of the model goes through here, so compressed deltas plug in without
+the model knowing about them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+
+@runtime_checkable
+class LinearOperand(Protocol):
+    """A weight that knows how to multiply itself: `apply(x) == x @ W.T` for its dense W."""
+
+    def apply(self, x: jax.Array) -> jax.Array: ...
+
+
+def _precision(dtype) -> jax.lax.Precision:
+    # Full fp32 matmuls in fp32 (no TF32 on GPU); default (native) precision for bf16/fp16.
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def dense_matmul(x: Float[Array, "*b i"], w: Float[Array, "o i"]) -> Float[Array, "*b o"]:
+    """`x @ w.T` with the weight cast to the activation dtype and fp32 accumulation."""
+    w = w.astype(x.dtype)
+    y = jnp.einsum(
+        "...i,oi->...o", x, w, precision=_precision(x.dtype), preferred_element_type=jnp.float32
+    )
+    return y.astype(x.dtype)
+
+
+def linear(
+    x: Float[Array, "*b i"], w: Any, b: Float[Array, " o"] | None = None
+) -> Float[Array, "*b o"]:
+    """y = x @ W.T (+ b). `w` is an `(out, in)` array or a `LinearOperand`."""
+    if isinstance(w, (jax.Array, np.ndarray)):
+        y = dense_matmul(x, w)
+    elif isinstance(w, LinearOperand):
+        y = w.apply(x).astype(x.dtype)
+    else:
+        raise TypeError(f"linear: unsupported weight type {type(w).__name__}")
+    if b is not None:
+        y = y + b.astype(y.dtype)
+    return y
+
+
+def rms_norm(x: Float[Array, "*b d"], w: Float[Array, " d"], eps: float) -> Float[Array, "*b d"]:
+    """RMSNorm exactly as Hugging Face Llama: normalize in fp32, cast, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """Inverse frequencies (head_dim/2,), with optional 'linear' or 'llama3' scaling (host side)."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if not scaling:
+        return inv.astype(np.float32)
+    kind = scaling["rope_type"]
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return (inv / factor).astype(np.float32)
+    if kind == "llama3":
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wl, high_wl = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return np.where(is_mid, mid, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope scaling type {kind!r}")
+
+
+def apply_rope(
+    x: Float[Array, "b t h d"], positions: Int[Array, "b t"], inv_freq: np.ndarray
+) -> Float[Array, "b t h d"]:
+    """Rotate-half RoPE (Hugging Face convention, no weight permutation)."""
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]  # (b, t, 1, d)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rot * sin).astype(x.dtype)
+
+
+def attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s kh d"],
+    v: Float[Array, "b s kh d"],
+    mask: Array,
+) -> Float[Array, "b t h d"]:
+    """Softmax attention with grouped KV heads; `mask` (b, t, s) is True where attending is allowed.
+
+    Softmax is computed in fp32. Rows with no allowed key (fully padded queries) return zeros.
+    """
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    g = h // kh
+    qg = q.reshape(b, t, kh, g, d)
+    prec = _precision(q.dtype)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=prec, preferred_element_type=jnp.float32)
+    s = s / math.sqrt(d)
+    m = mask[:, None, None, :, :]
+    s = jnp.where(m, s, -jnp.inf)
+    smax = jnp.max(s, axis=-1, keepdims=True)
+    smax = jnp.where(jnp.isfinite(smax), smax, 0.0)
+    p = jnp.exp(s - smax)
+    p = jnp.where(m, p, 0.0)
+    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    o = jnp.einsum(
+        "bkgts,bskd->btkgd", p.astype(v.dtype), v, precision=prec,
+        preferred_element_type=jnp.float32,
+    )
+    return o.reshape(b, t, h, d).astype(q.dtype)
