@@ -1,0 +1,15 @@
+"""BitDelta: sign bits + one scale per matrix, scales distilled on calibration text (200 steps)."""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.method = ml_collections.ConfigDict({"name": "bitdelta"})
+    c.keep_other = True  # embeddings, lm_head, norms, biases keep a bf16 delta (False: dropped)
+    c.seed = 0
+    c.distill_steps = 200
+    c.calib_data = ""  # default: GSM8K train split
+    c.calib_windows = 64
+    c.calib_seq_len = 128
+    return c
