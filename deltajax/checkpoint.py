@@ -1,0 +1,429 @@
+"""Checkpoints on disk: atomic directories and dense params (orbax arrays + ``meta.json``).
+
+A dense params checkpoint (written by `save_params`, e.g. from ``scripts/convert.py``) is::
+
+    out_dir/
+      meta.json   {"format": "deltajax.params", "format_version": 1, "library_version": "...",
+                   "config": {ModelConfig fields}, "param_dtype": "bfloat16" | "mixed",
+                   "leaf_dtypes": {"embed_tokens.weight": "bfloat16", ...}, "extra": {...}}
+      params/     an orbax StandardCheckpointer directory holding the params tree
+
+Params are named by their dotted path without the leading ``model.`` of Hugging Face
+(``layers.3.self_attn.q_proj.weight``, see `param_name`); the same names are used for the
+`sharding` callables of the loaders and in every error message.
+
+Every writer goes through `atomic_dir`: files are written into a temporary sibling directory
+which is renamed onto the destination only when everything succeeded, so a failed or interrupted
+write never leaves a partial checkpoint behind.
+
+Limitations: `atomic_dir` renames on a local (or POSIX-like, single-writer) file system; saving
+to object stores (``gs://``) or from several hosts at once is not supported by this part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deltajax import model as model_lib
+from deltajax.model import ModelConfig
+
+__all__ = [
+    "CheckpointError",
+    "ShardingSpec",
+    "atomic_dir",
+    "check_destination",
+    "check_params",
+    "config_from_json",
+    "config_to_json",
+    "flatten_params",
+    "library_version",
+    "load_params_ckpt",
+    "param_name",
+    "resolve_sharding",
+    "save_params",
+]
+
+PARAMS_FORMAT = "deltajax.params"
+PARAMS_FORMAT_VERSION = 1
+META_FILE = "meta.json"
+PARAMS_SUBDIR = "params"
+
+# A single Sharding for every leaf, or a callable (param name, shape) -> Sharding | None.
+ShardingSpec = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], Any] | None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (files or params tree) is malformed; `problems` lists every issue found."""
+
+    def __init__(self, source: str | os.PathLike, problems: list[str]):
+        self.source = str(source)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        n = len(self.problems)
+        super().__init__(f"{self.source}: {n} problem{'s' if n != 1 else ''}:\n{lines}")
+
+
+def library_version() -> str:
+    """The installed deltajax version (``"unknown"`` when running from an uninstalled tree)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("deltajax")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- atomic directories
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary directory that becomes `out_dir` only if the block succeeds.
+
+    The temporary directory is a hidden sibling of `out_dir` (same file system, so the final
+    rename is atomic). On any exception (KeyboardInterrupt included) it is removed and `out_dir`
+    is left untouched.
+
+    Args:
+      out_dir: destination directory. Its parent is created if missing.
+      overwrite: replace an existing non-empty `out_dir`. An existing empty directory is always
+        replaced.
+
+    Raises:
+      FileExistsError: `out_dir` exists, is not empty, and `overwrite` is False; or it is a file.
+    """
+    out = Path(out_dir).absolute()
+    check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        check_destination(out, overwrite)  # it may have appeared meanwhile
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "d")
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old / "d", out)  # put the previous contents back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_destination(out: str | os.PathLike, overwrite: bool) -> None:
+    """Raises FileExistsError unless `out` is absent, empty, or may be overwritten."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"{out} exists and is not a directory; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
+
+
+# ----------------------------------------------------------------------------- params trees
+
+
+def param_name(path: tuple) -> str:
+    """Dotted name of a params leaf from its jax key path: ``layers.0.self_attn.q_proj.weight``."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def flatten_params(tree: Any) -> dict[str, Any]:
+    """{dotted name: leaf} walking only dicts and lists/tuples (any other object is a leaf).
+
+    Unlike `jax.tree.leaves`, this does not descend into pytree dataclasses, so a delta-carrying
+    weight shows up as one leaf.
+    """
+    out: dict[str, Any] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            items = ((str(k), v) for k, v in node.items())
+        elif isinstance(node, (list, tuple)) and not model_lib._is_shape(node):
+            items = ((str(i), v) for i, v in enumerate(node))
+        else:
+            out[prefix] = node
+            return
+        for k, v in items:
+            walk(v, f"{prefix}.{k}" if prefix else k)
+
+    walk(tree, "")
+    return out
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{dotted name: shape} of the params tree `cfg` describes (`model.param_shapes`)."""
+    return flatten_params(model_lib.param_shapes(cfg))
+
+
+def check_params(params: Any, cfg: ModelConfig, *, what: str = "params") -> None:
+    """Checks that `params` is a dense params tree of `cfg` (names, shapes, floating arrays).
+
+    Raises:
+      TypeError: some leaves are not arrays (e.g. delta-carrying weights): merge them first.
+      CheckpointError: missing or unexpected names, shape mismatches, non-float dtypes (all listed).
+    """
+    flat = flatten_params(params)
+    not_arrays = [n for n, x in flat.items() if not isinstance(x, (jax.Array, np.ndarray))]
+    if not_arrays:
+        kinds = sorted({type(flat[n]).__name__ for n in not_arrays})
+        raise TypeError(
+            f"{what}: {len(not_arrays)} leaves are not plain arrays ({', '.join(kinds)}), e.g. "
+            f"{', '.join(not_arrays[:4])}. Only dense weights can be written here: merge the "
+            "deltas into the base weights first (deltajax.delta.merge)."
+        )
+    if not isinstance(params, Mapping) or not isinstance(params.get("layers"), list):
+        raise CheckpointError(what, ["params must be a dict whose 'layers' entry is a list"])
+    problems = []
+    expected = expected_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in flat:
+            problems.append(f"missing '{name}' (expected shape {shape})")
+        elif tuple(flat[name].shape) != shape:
+            problems.append(f"'{name}' has shape {tuple(flat[name].shape)}, expected {shape}")
+        elif not jnp.issubdtype(flat[name].dtype, jnp.floating):
+            problems.append(f"'{name}' has dtype {flat[name].dtype}, expected a float dtype")
+    for name in flat:
+        if name not in expected:
+            problems.append(f"unexpected '{name}' with shape {tuple(flat[name].shape)}")
+    if problems:
+        raise CheckpointError(what, problems)
+
+
+def resolve_sharding(sharding: ShardingSpec, name: str, shape: tuple[int, ...]):
+    """The `jax.sharding.Sharding` (or None) that `sharding` assigns to leaf `name`."""
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        return sharding
+    if callable(sharding):
+        s = sharding(name, tuple(shape))
+        if s is not None and not isinstance(s, jax.sharding.Sharding):
+            raise TypeError(
+                f"sharding callable returned {type(s).__name__} for '{name}'; "
+                "expected a jax.sharding.Sharding or None"
+            )
+        return s
+    raise TypeError(f"sharding must be a jax.sharding.Sharding or a callable, got {sharding!r}")
+
+
+# ----------------------------------------------------------------------------- ModelConfig <-> JSON
+
+
+def config_to_json(cfg: ModelConfig) -> dict:
+    """ModelConfig as a JSON-able dict (rope_scaling as a {key: value} dict)."""
+    d = dataclasses.asdict(cfg)
+    if cfg.rope_scaling is not None:
+        d["rope_scaling"] = {k: _jsonable(v) for k, v in cfg.rope_scaling}
+    return d
+
+
+def config_from_json(d: Mapping) -> ModelConfig:
+    """Inverse of `config_to_json`.
+
+    Raises:
+      ValueError: unknown fields (a checkpoint from a newer deltajax) or missing required ones.
+    """
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(
+            f"config has fields this deltajax ({library_version()}) does not know: {unknown}"
+        )
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = tuple(sorted((k, _hashable(v)) for k, v in d["rope_scaling"].items()))
+    try:
+        return ModelConfig(**d)
+    except TypeError as e:
+        raise ValueError(f"invalid config {d}: {e}") from e
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, Mapping):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    return v
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+# ----------------------------------------------------------------------------- dense params
+
+
+def save_params(
+    params: dict,
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra_meta: Mapping | None = None,
+) -> Path:
+    """Writes a dense params tree as an orbax checkpoint plus ``meta.json``, atomically.
+
+    Args:
+      params: params tree of `cfg` (arrays only; merge delta-carrying weights first).
+      cfg: the model config, stored in ``meta.json``.
+      out_dir: destination directory (must not exist or be empty unless `overwrite`).
+      overwrite: replace an existing checkpoint at `out_dir`.
+      extra_meta: JSON-able dict stored under ``"extra"`` in ``meta.json`` (e.g. the source).
+
+    Returns:
+      The absolute path of the checkpoint.
+
+    Raises:
+      TypeError: a leaf is not an array. CheckpointError: the tree does not match `cfg`.
+      FileExistsError: `out_dir` is not empty and `overwrite` is False.
+    """
+    import orbax.checkpoint as ocp
+
+    check_params(params, cfg)
+    flat = flatten_params(params)
+    leaf_dtypes = {n: jnp.dtype(x.dtype).name for n, x in flat.items()}
+    kinds = set(leaf_dtypes.values())
+    meta = {
+        "format": PARAMS_FORMAT,
+        "format_version": PARAMS_FORMAT_VERSION,
+        "library_version": library_version(),
+        "config": config_to_json(cfg),
+        "param_dtype": kinds.pop() if len(kinds) == 1 else "mixed",
+        "leaf_dtypes": leaf_dtypes,
+        "extra": dict(extra_meta or {}),
+    }
+    meta_text = json.dumps(meta, indent=2)  # fail on non-JSON extra_meta before writing anything
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_SUBDIR, params)
+            ckptr.wait_until_finished()
+        (tmp / META_FILE).write_text(meta_text)
+    return Path(out_dir).absolute()
+
+
+def read_meta(ckpt_dir: str | os.PathLike, *, expect_format: str = PARAMS_FORMAT) -> dict:
+    """Reads and checks ``meta.json`` of a deltajax checkpoint directory."""
+    path = Path(ckpt_dir) / META_FILE
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(ckpt_dir, [f"no {META_FILE}: not a deltajax checkpoint directory"])
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(ckpt_dir, [f"{META_FILE} is unreadable: {e}"]) from e
+    if not isinstance(meta, dict) or meta.get("format") != expect_format:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        problem = f"{META_FILE}: format is {found!r}, not {expect_format!r}"
+        raise CheckpointError(ckpt_dir, [problem])
+    return meta
+
+
+def load_params_ckpt(
+    ckpt_dir: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    sharding: ShardingSpec = None,
+) -> tuple[dict, ModelConfig]:
+    """Loads a checkpoint written by `save_params`.
+
+    Args:
+      ckpt_dir: the checkpoint directory.
+      dtype: cast every leaf to this dtype (e.g. ``jnp.bfloat16``); default: as stored.
+      sharding: a `jax.sharding.Sharding` for every leaf, or a callable
+        ``(name, shape) -> Sharding | None`` (names like ``layers.0.mlp.up_proj.weight``); arrays
+        are restored directly into that placement. Default: the default device.
+
+    Returns:
+      (params, cfg): the params tree (``layers`` is a list, exactly as saved) and its config.
+
+    Raises:
+      CheckpointError: missing/corrupt ``meta.json`` or array data, or arrays that do not match
+        the config.
+    """
+    import orbax.checkpoint as ocp
+
+    meta = read_meta(ckpt_dir)
+    try:
+        cfg = config_from_json(meta["config"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(ckpt_dir, [f"{META_FILE}: bad 'config': {e}"]) from e
+    path = (Path(ckpt_dir) / PARAMS_SUBDIR).absolute()
+    if not path.is_dir():
+        raise CheckpointError(ckpt_dir, [f"missing array directory {PARAMS_SUBDIR}/"])
+    shapes = model_lib.param_shapes(cfg)
+    stored_dtypes = meta.get("leaf_dtypes", {})
+    _check_orbax_metadata(ckpt_dir, path, expected_shapes(cfg))
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=model_lib._is_shape)
+    abstract = []
+    for p, shape in leaves:
+        name = param_name(p)
+        dt = dtype if dtype is not None else stored_dtypes.get(name, meta.get("param_dtype"))
+        if dt in (None, "mixed"):
+            raise CheckpointError(ckpt_dir, [f"{META_FILE}: no dtype recorded for '{name}'"])
+        s = resolve_sharding(sharding, name, shape)
+        abstract.append(jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=s))
+    target = jax.tree_util.tree_unflatten(treedef, abstract)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(path, target)
+    except Exception as e:  # orbax/tensorstore raise many kinds; report them as one error type
+        raise CheckpointError(ckpt_dir, [f"cannot restore arrays from {path}: {e}"]) from e
+    return params, cfg
+
+
+def _check_orbax_metadata(ckpt_dir, path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Compares the stored array names/shapes with the config before reading any data."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            md = ckptr.metadata(path)
+        md = getattr(md, "item_metadata", md)
+        md = getattr(md, "tree", md)
+        stored = {n: tuple(getattr(x, "shape", ())) for n, x in flatten_params(md).items()}
+    except Exception as e:  # unreadable metadata: the data is unreadable too
+        raise CheckpointError(ckpt_dir, [f"cannot read array metadata in {path}: {e}"]) from e
+    if not stored or any(not hasattr(x, "shape") for x in flatten_params(md).values()):
+        logging.warning("%s: unrecognised orbax metadata; skipping the shape pre-check", path)
+        return
+    problems = []
+    for name, shape in expected.items():
+        if name not in stored:
+            problems.append(f"missing array '{name}' (expected shape {shape})")
+        elif stored[name] != shape:
+            problems.append(f"array '{name}' has shape {stored[name]}, expected {shape}")
+    for name, shape in stored.items():
+        if name not in expected:
+            problems.append(f"unexpected array '{name}' with shape {shape}")
+    if problems:
+        raise CheckpointError(ckpt_dir, problems)

@@ -1,0 +1,57 @@
+r"""Convert a Hugging Face checkpoint (Llama / Mistral / Qwen2 / SmolLM2) to a deltajax checkpoint.
+
+Reads ``config.json`` and ``model.safetensors`` / sharded safetensors / ``pytorch_model*.bin``,
+validates every tensor against the config, and writes an orbax params checkpoint plus
+``meta.json``. Nothing is written at ``--out`` if anything fails.
+
+Example:
+
+  python scripts/convert.py --hf_dir=/models/SmolLM2-135M-Instruct \
+      --out=/ckpt/smollm2-135m --dtype=bfloat16
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from deltajax import hf  # noqa: E402
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", None, ["float32", "bfloat16", "float16"], "Cast weights to this dtype (default: keep)."
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    try:
+        _run()
+    except (ValueError, OSError, ImportError) as e:  # user errors: bad files or config, no torch
+        sys.exit(f"error: {e}")
+
+
+def _run() -> None:
+    s = hf.convert_hf_to_checkpoint(
+        _HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value, progress=True
+    )
+    c = s.config
+    logging.info("config: %s", c)
+    print(
+        f"wrote {s.out_dir}: {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}; "
+        f"{s.num_params:,} params in {s.num_tensors} tensors, {s.num_bytes / 2**20:,.1f} MiB "
+        f"({', '.join(s.dtypes)}), {s.seconds:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,68 @@
+r"""Export a deltajax params checkpoint (from scripts/convert.py) as a Hugging Face model directory.
+
+The result loads with ``transformers.AutoModelForCausalLM.from_pretrained(out)``. Tokenizer and
+generation files are copied from ``--tokenizer_from`` (usually the original HF directory).
+Compressed-delta checkpoints must be merged into dense params first.
+
+Example:
+
+  python scripts/export_hf.py --ckpt=/ckpt/smollm2-135m --out=/models/smollm2-135m-hf \
+      --tokenizer_from=/models/SmolLM2-135M-Instruct --dtype=bfloat16 --max_shard_mb=2000
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from deltajax import checkpoint, hf  # noqa: E402
+
+_CKPT = flags.DEFINE_string("ckpt", None, "deltajax params checkpoint directory.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output Hugging Face directory.", required=True)
+_TOKENIZER_FROM = flags.DEFINE_string(
+    "tokenizer_from", None, "Hugging Face directory to copy tokenizer/generation files from."
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", None, ["float32", "bfloat16", "float16"], "Weight dtype to write (default: as stored)."
+)
+_MAX_SHARD_MB = flags.DEFINE_integer(
+    "max_shard_mb", None, "Split safetensors into shards of at most this many MiB (default: one)."
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    try:
+        _run()
+    except (ValueError, OSError, ImportError) as e:  # user errors: bad files or config, no torch
+        sys.exit(f"error: {e}")
+
+
+def _run() -> None:
+    t0 = time.perf_counter()
+    params, cfg = checkpoint.load_params_ckpt(_CKPT.value)
+    out = hf.export_hf(
+        params,
+        cfg,
+        _OUT.value,
+        tokenizer_from=_TOKENIZER_FROM.value,
+        dtype=_DTYPE.value,
+        max_shard_bytes=None if _MAX_SHARD_MB.value is None else _MAX_SHARD_MB.value * 2**20,
+        overwrite=_OVERWRITE.value,
+        progress=True,
+    )
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"wrote {out} ({files}) in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,224 @@
+"""Contract and property tests of every registered compression method and the framework."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deltajax import accounting, delta, delta_checkpoint
+from deltajax import model as M
+from deltajax.methods import REGISTRY, RTN, BitDelta, LowRank, make_method
+from deltajax.methods.bitdelta_distill import distill_scales, logit_mse
+
+# method instance for the contract test, and its documented relative-error bound on a
+# Gaussian (n=96, k=160) delta (loose; an implementation bug blows far past them).
+CASES = {
+    "keep": (dict(), 0.01),
+    "rtn": (dict(bits=4, group=32), 0.12),
+    "lowrank": (dict(rank=48), 0.8),
+    "bitdelta": (dict(), 0.62),
+    "dare": (dict(p=0.5), 1.05),
+}
+
+
+def _rng_delta(shape=(96, 160), seed=None):
+    seed = np.random.default_rng().integers(1 << 30) if seed is None else seed
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32) * 0.01
+
+
+def test_every_registered_method_has_a_contract_case():
+    assert set(REGISTRY) <= set(CASES), f"add contract cases for {set(REGISTRY) - set(CASES)}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_method_contract(name, tmp_path):
+    opts, bound = CASES[name]
+    m = make_method(name, **opts)
+    hash(m)  # a valid static jit argument
+    d = _rng_delta()
+    c = jax.jit(lambda x: m.compress(x, key=jax.random.PRNGKey(1)))(d)
+    dh = m.decompress(c)
+    assert dh.shape == d.shape and dh.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(dh - d) / jnp.linalg.norm(d))
+    assert rel < bound, f"{name}: relative error {rel} above its bound {bound}"
+    x = jnp.asarray(np.random.default_rng().standard_normal((5, d.shape[1])), jnp.float32)
+    y = m.matmul(x, c)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x @ dh.T), rtol=2e-2, atol=2e-4)
+    # code arrays are integer-packed, never dense floats of the delta's size
+    for path, leaf in jax.tree_util.tree_flatten_with_path(c)[0]:
+        p = jax.tree_util.keystr(path)
+        if "planes" in p or "words" in p:
+            assert leaf.dtype == jnp.uint32, p
+    if name == "rtn":
+        assert sum(p.size for p in c.planes) * 32 == c.k_pad * c.n * 4
+    if name == "bitdelta":
+        assert c.words.size * 32 == 160 * 96
+    # checkpoint round trip returns equal containers
+    cfg = M.ModelConfig(vocab_size=16, hidden_size=160, intermediate_size=96, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, head_dim=80)
+    base = M.init_params(cfg, jax.random.PRNGKey(0))
+    leaf = delta.DeltaLeaf(container=c, method=m, shape=d.shape)
+    comp = {"layers.0.mlp.up_proj.weight": leaf}
+    delta_checkpoint.save_delta(comp, tmp_path / "d", cfg=cfg, base_params=base)
+    back, meta = delta_checkpoint.load_delta(tmp_path / "d", base_params=base, cfg=cfg)
+    assert jax.tree.structure(back) == jax.tree.structure(comp)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(comp)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert meta["accounting"]["linear_bytes"] >= 0
+
+
+def test_lowrank_full_rank_exact_and_error_falls_with_rank():
+    d = _rng_delta((64, 48))
+    errs = []
+    for r in (4, 8, 16, 32, 48):
+        m = LowRank(rank=r, dtype="float32")
+        errs.append(float(jnp.linalg.norm(m.decompress(m.compress(d)) - d)))
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] / float(jnp.linalg.norm(d)) < 1e-5
+
+
+def test_rtn_error_falls_with_bits_and_matches_half_step_bound():
+    d = _rng_delta((32, 256))
+    errs = []
+    for b in (1, 2, 3, 4, 5, 6, 8):
+        m = RTN(bits=b, group=64, scale_dtype="float32")
+        c = m.compress(d)
+        dh = m.decompress(c)
+        errs.append(float(jnp.linalg.norm(dh - d)))
+        step = jnp.repeat(c.scale.T, 64, axis=1)[:, :256]
+        assert float(jnp.max(jnp.abs(dh - d) - step / 2)) < 1e-6
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+
+
+def test_bitdelta_scale_is_mean_abs_and_signs_exact():
+    d = _rng_delta((40, 70))
+    c = BitDelta().compress(d)
+    np.testing.assert_allclose(float(c.scale), float(jnp.mean(jnp.abs(d))), rtol=1e-6)
+    dh = BitDelta().decompress(c)
+    assert bool(jnp.all(jnp.sign(dh) == jnp.where(d >= 0, 1.0, -1.0)))
+
+
+def test_dare_mask_regenerates_from_seed_and_is_unbiased():
+    m = make_method("dare", p=0.75)
+    d = _rng_delta((64, 128))
+    c = m.compress(d, key=jax.random.PRNGKey(3))
+    assert c.values.shape == (64, 32)  # only kept values stored
+    dh = m.decompress(c)
+    kept = dh != 0
+    assert int(kept.sum()) == 64 * 32
+    np.testing.assert_allclose(np.asarray(dh[kept]), np.asarray(d[kept] * 4), rtol=1e-2)
+    acc = np.mean([np.asarray(m.decompress(m.compress(d, key=jax.random.PRNGKey(s))))
+                   for s in range(60)], axis=0)
+    assert np.linalg.norm(acc - d) / np.linalg.norm(d) < 0.5  # averages back toward Δ
+
+
+def _tiny():
+    cfg = M.ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        tie_word_embeddings=True)
+    base = M.init_params(cfg, jax.random.PRNGKey(0), scale=0.1)
+    k = jax.random.PRNGKey(7)
+    ft = jax.tree.map(lambda w: w + 0.03 * jax.random.normal(k, w.shape) ** 3, base)
+    return cfg, base, ft
+
+
+@pytest.mark.parametrize("name", ["rtn", "lowrank", "bitdelta", "dare"])
+def test_attached_logits_equal_merged_logits(name):
+    cfg, base, ft = _tiny()
+    d = delta.extract(base, ft)
+    comp = delta.compress_tree(d, delta.default_rules(make_method(name, **CASES[name][0])),
+                               progress=False)
+    tok = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
+    att = delta.attach(base, comp)
+    assert any(isinstance(x, delta.DeltaWeight) for x in delta.flatten(att).values())
+    la = M.forward(att, tok, cfg)[0]
+    lm = M.forward(delta.merge(base, comp), tok, cfg)[0]
+    np.testing.assert_allclose(np.asarray(la), np.asarray(lm), atol=2e-4)
+
+
+def test_bitdelta_distillation_lowers_logit_mse():
+    cfg, base, ft = _tiny()
+    comp = delta.compress_tree(delta.extract(base, ft), delta.default_rules(BitDelta()),
+                               progress=False)
+    tok = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (8, 24), 0, cfg.vocab_size))
+    before = logit_mse(base, ft, comp, cfg, tok)
+    comp2, losses = distill_scales(base, ft, comp, cfg, tok, steps=25, lr=3e-3, log=None)
+    after = logit_mse(base, ft, comp2, cfg, tok)
+    assert after < before * 0.98, (before, after)
+
+
+def test_extract_rejects_mismatches_and_nan():
+    cfg, base, ft = _tiny()
+    bad = jax.tree.map(lambda x: x, ft)
+    bad["layers"][0]["mlp"]["up_proj"]["weight"] = jnp.zeros((3, 3))
+    with pytest.raises(delta.DeltaError, match="shape of layers.0.mlp.up_proj.weight"):
+        delta.extract(base, bad)
+    missing = jax.tree.map(lambda x: x, ft)
+    del missing["layers"][1]["self_attn"]["k_proj"]
+    extra = jax.tree.map(lambda x: x, ft)
+    extra["lm_head"] = {"weight": jnp.zeros((64, 64))}
+    with pytest.raises(delta.DeltaError, match="missing in fine-tune: layers.1.self_attn.k_proj"):
+        delta.extract(base, missing)
+    with pytest.raises(delta.DeltaError, match="extra in fine-tune: lm_head.weight"):
+        delta.extract(base, extra)
+    nan = jax.tree.map(lambda x: x, ft)
+    nan["norm"]["weight"] = nan["norm"]["weight"].at[3].set(jnp.nan)
+    with pytest.raises(delta.DeltaError, match="NaN/Inf in the delta of: norm.weight"):
+        delta.extract(base, nan)
+    other = M.ModelConfig(**{**cfg.__dict__, "rope_theta": 5.0})
+    with pytest.raises(delta.DeltaError, match="rope_theta"):
+        delta.extract(base, ft, base_cfg=cfg, ft_cfg=other)
+
+
+def test_accounting_is_exact_and_rules_drop_or_keep():
+    cfg, base, ft = _tiny()
+    d = delta.extract(base, ft)
+    shapes = {n: tuple(x.shape) for n, x in delta.flatten(base).items()}
+    comp = delta.compress_tree(d, delta.default_rules(RTN(bits=2, group=32)), progress=False)
+    acc = accounting.account(comp, shapes)
+    lin = [n for n in shapes if n.endswith("_proj.weight")]
+    n_lin = sum(int(np.prod(shapes[n])) for n in lin)
+    codes = n_lin * 2 // 8
+    groups = n_lin // 32 * 2 * 2  # bf16 scale + zero per group of 32 (all k are multiples of 32)
+    assert acc["linear_parts_bytes"] == {"codes": codes, "scales": groups // 2,
+                                         "zeros": groups // 2}
+    assert acc["linear_ratio"] == pytest.approx(2 * n_lin / (codes + groups))
+    assert set(acc["kept"]) == set(shapes) - set(lin) and not acc["dropped"]
+    comp2 = delta.compress_tree(d, delta.default_rules(RTN(bits=2, group=32), keep_other=False),
+                                progress=False)
+    acc2 = accounting.account(comp2, shapes)
+    assert set(acc2["dropped"]) == set(shapes) - set(lin) and acc2["kept_bytes"] == 0
+    assert acc2["total_ratio"] > acc["total_ratio"]
+    assert "linear-layer ratio" in accounting.format_table(acc)
+
+
+def test_delta_checkpoint_refuses_wrong_base_and_save_is_atomic(tmp_path):
+    cfg, base, ft = _tiny()
+    comp = delta.compress_tree(delta.extract(base, ft), delta.default_rules(RTN(bits=4)),
+                               progress=False)
+    out = tmp_path / "delta"
+    delta_checkpoint.save_delta(comp, out, cfg=cfg, base_params=base)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["base_fingerprint"] and meta["leaves"]
+    with pytest.raises(delta_checkpoint.WrongBaseError, match="different base"):
+        delta_checkpoint.load_delta(out, base_params=ft)
+    with pytest.raises(FileExistsError):
+        delta_checkpoint.save_delta(comp, out, cfg=cfg, base_params=base)
+
+    class Boom(RuntimeError):
+        pass
+
+    bad = dict(comp)
+    bad["x"] = delta.DeltaLeaf(container=object(), method=RTN(), shape=(1, 1))
+    before = sorted(os.listdir(out))
+    with pytest.raises(Exception):
+        delta_checkpoint.save_delta(bad, out, cfg=cfg, base_params=base, overwrite=True)
+    assert sorted(os.listdir(out)) == before  # the previous checkpoint is intact
+    assert [p for p in os.listdir(tmp_path) if p != "delta"] == []  # no temp dirs left
+    with pytest.raises(delta.DeltaError, match="unknown leaf"):
+        delta.attach(base, {"nope.weight": comp["norm.weight"]})
