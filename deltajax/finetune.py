@@ -84,7 +84,8 @@ def finetune(
     n = tokens.shape[0]
     if n < fc.batch_size:
         raise ValueError(f"{n} training sequences < batch size {fc.batch_size}")
-    params = jax.tree.map(lambda w: jnp.asarray(w, jnp.float32), params)
+    # Copy: the train step donates its params buffers, and the caller keeps `params`.
+    params = jax.tree.map(lambda w: jnp.array(w, jnp.float32, copy=True), params)
     opt = make_optimizer(fc)
     opt_state = opt.init(params)
     rng = np.random.default_rng(fc.seed)
