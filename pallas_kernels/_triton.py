@@ -1,0 +1,401 @@
+"""One generic Pallas-Triton kernel behind every GPU op of this package.
+
+The kernel computes, for a tile of rows and a tile of output columns,
+
+    out[rows, cols] = Σ_parts  x_p[rows, k-range] @ W_p[k-range, cols]
+
+where each `W_p` is either a packed low-bit operand (`packing.py` format, dequantized in
+registers) or a dense `(N, K)` weight (a fused base matmul). Output columns are split into
+*column parts* (e.g. the rank bands of a low-rank shrink, concatenated), and each column part sums
+over *K parts* (e.g. the bands of a low-rank expand, plus the base weight). quant_matmul is one
+column part with one K part; sign_matmul the same with one scalar scale; the low-rank shrink is one
+column part per band; the expand one column part with a K part per band.
+
+Packed tiles are post-scaled: each K step covers `block_k` rows of one scale group, the integer
+codes `q` are converted exactly to the activation dtype, and
+
+    x @ (s (2q - c)) = s (2 (x @ q) - c Σx)        (symmetric, c = 2^b - 1)
+    x @ (s (q - z))  = s ((x @ q) - z Σx)           (asymmetric)
+
+so the per-weight work is shift, and, convert; the row sums Σx are per K step.
+
+Grid: (column tiles over all column parts, row tiles | tenant work items, split-K). With split-K
+> 1 the output holds f32 partial sums `(S, M, N)` that the caller reduces (XLA fuses that reduce
+with the cast and with whatever consumes the result). Rows beyond M are masked on load and store,
+so no padding op is needed for decode batches of 1..15 rows.
+
+Multi-tenant programs (`Program.tenants`) stack every weight with a leading tenant axis and take
+three int32 vectors describing *work items* (segments of rows, sorted by tenant, at most
+`block_m` rows each): tenant id, first row, row count. Items with tenant < 0 or no rows are
+skipped and leave their output rows unwritten (the caller masks them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import packing
+from pallas_kernels._common import pow2_divisor, unsort_rows
+
+MAX_BLOCK_K = 128
+MAX_BLOCK_N = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    """Tile overrides for the Triton kernels; None lets the heuristic choose.
+
+    Attributes:
+      block_m: rows per tile (power of two >= 16).
+      block_n: output columns per tile (power of two >= 16, dividing N).
+      block_k: contraction rows per step (power of two dividing the group size).
+      split_k: number of contraction splits (partial sums reduced afterwards).
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining stages.
+    """
+
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
+    split_k: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """Static description of a packed operand (see `packing.py`)."""
+
+    bits: int
+    group: int
+    has_zero: bool = False
+    scalar_scale: bool = False  # one scale per matrix (per tenant): scale array (1,) or (T,)
+
+
+@dataclasses.dataclass(frozen=True)
+class KPart:
+    """One term of the sum: x_index's columns [x_offset, x_offset + k) times a weight."""
+
+    x_index: int
+    x_offset: int
+    k: int
+    block_k: int
+    packed: Packed | None  # None: dense (N, K) weight, contracted over its last axis
+
+
+@dataclasses.dataclass(frozen=True)
+class ColPart:
+    """Output columns [out_offset, out_offset + n), computed as the sum of `kparts`."""
+
+    n: int
+    out_offset: int
+    block_n: int
+    kparts: tuple[KPart, ...]
+    col_scale: bool = False  # multiply by a per-column vector (n,) or (T, n) at the end
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Everything static about one launch."""
+
+    colparts: tuple[ColPart, ...]
+    num_x: int
+    m: int
+    block_m: int
+    row_programs: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    out_dtype: str
+    tenants: bool = False
+
+    @property
+    def n_total(self) -> int:
+        return max(cp.out_offset + cp.n for cp in self.colparts)
+
+    @property
+    def col_tiles(self) -> int:
+        return sum(cp.n // cp.block_n for cp in self.colparts)
+
+
+# ----------------------------------------------------------------------------- planning helpers
+
+
+def min_block_k(bits: int) -> int:
+    """Smallest legal K step for a code width: >= 16 (tl.dot) and a whole word per plane."""
+    return max(16, packing.WORD_BITS // min(packing.plane_bits(bits)))
+
+
+def packed_block_k(k: int, packed: Packed, cap: int = MAX_BLOCK_K) -> int:
+    """Largest power-of-two K step <= cap dividing k and (for group scales) the group size."""
+    span = k if packed.scalar_scale else math.gcd(k, packed.group)
+    return pow2_divisor(span, cap)
+
+
+def packed_reason(k: int, n: int, packed: Packed, block_k: int | None = None) -> str | None:
+    """Why the Triton kernel cannot take this packed operand (None when it can)."""
+    if jax.config.jax_enable_x64:
+        return "the Triton lowering breaks under jax_enable_x64"
+    bk = packed_block_k(k, packed, block_k or MAX_BLOCK_K)
+    need = min_block_k(packed.bits)
+    if bk < need:
+        return (
+            f"no power-of-two K step >= {need} divides K={k} and group={packed.group} "
+            f"(bits={packed.bits})"
+        )
+    if pow2_divisor(n, MAX_BLOCK_N) < 16:
+        return f"N={n} has no power-of-two divisor >= 16 (Triton blocks must be powers of two)"
+    return None
+
+
+def block_n_for(n: int, cap: int = MAX_BLOCK_N) -> int:
+    """Largest power-of-two divisor of n up to cap."""
+    return pow2_divisor(n, cap)
+
+
+def block_m_for(m: int) -> int:
+    """Rows per tile: the whole (padded) decode batch up to 64, else 64."""
+    return min(64, max(16, 1 << max(0, (m - 1).bit_length())))
+
+
+def split_for(tiles: int, nblocks: int, sms: int, cap: int = 32) -> int:
+    """Split-K so that tiles * S covers about two waves of SMs; S divides nblocks."""
+    best = 1
+    for s in range(1, min(cap, nblocks) + 1):
+        if nblocks % s:
+            continue
+        best = s
+        if tiles * s >= 2 * sms:
+            break
+    return best
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def _num_refs(cp: ColPart) -> int:
+    n = 1 if cp.col_scale else 0
+    for kp in cp.kparts:
+        if kp.packed is None:
+            n += 1
+        else:
+            n += len(packing.plane_bits(kp.packed.bits)) + 1 + int(kp.packed.has_zero)
+    return n
+
+
+def _idx(tenant, *rest):
+    return rest if tenant is None else (tenant, *rest)
+
+
+def _load_rows(ref, tenant, row0, rows, col, cols, row_mask):
+    view = ref.at[_idx(tenant, pl.ds(row0, rows), pl.ds(col, cols))]
+    if row_mask is None:
+        return view[...]
+    mask = jnp.broadcast_to(row_mask, (rows, cols))
+    return pltriton.load(view, mask=mask, other=0)
+
+
+def _unpack(words: jax.Array, pb: int) -> jax.Array:
+    """(R, BN) words -> (R * 32/pb, BN) int32 codes, interleaved order (k = w*vpw + t)."""
+    vpw = packing.WORD_BITS // pb
+    r, bn = words.shape
+    shifts = (jnp.arange(vpw, dtype=jnp.int32) * pb).astype(words.dtype)
+    q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << pb) - 1)
+    return q.reshape(r * vpw, bn).astype(jnp.int32)
+
+
+def _k_loop(kp: KPart, kidx: int, split, prog: Program, body, init):
+    """Runs body(kb, carry) over this split's share of the K blocks of one part."""
+    nb = kp.k // kp.block_k
+    S = prog.split_k
+    if S == 1:
+        return lax.fori_loop(0, nb, body, init)
+    if nb % S == 0:
+        trip = nb // S
+        return lax.fori_loop(0, trip, lambda i, a: body(split * trip + i, a), init)
+    owner = kidx % S  # parts that do not split evenly are done whole by one split
+    return lax.cond(split == owner, lambda a: lax.fori_loop(0, nb, body, a), lambda a: a, init)
+
+
+def _packed_part(acc, kp, kidx, refs, x_ref, tenant, row0, row_mask, col0, bn, split, prog):
+    pk = kp.packed
+    pbits = packing.plane_bits(pk.bits)
+    planes = refs[: len(pbits)]
+    s_ref = refs[len(pbits)]
+    z_ref = refs[len(pbits) + 1] if pk.has_zero else None
+    bk, bm = kp.block_k, prog.block_m
+    c = float(2**pk.bits - 1)
+    steps_per_group = 1 if pk.scalar_scale else pk.group // bk
+
+    def body(kb, carry):
+        xb = _load_rows(x_ref, None, row0, bm, kp.x_offset + kb * bk, bk, row_mask)
+        q = None
+        shift = 0
+        for p_ref, pb in zip(planes, pbits):
+            rows = bk * pb // packing.WORD_BITS
+            wp = p_ref[_idx(tenant, pl.ds(kb * rows, rows), pl.ds(col0, bn))]
+            qp = _unpack(wp, pb)
+            q = qp if q is None else q | (qp << shift)
+            shift += pb
+        d = jnp.dot(xb, q.astype(xb.dtype), preferred_element_type=jnp.float32)
+        xs = jnp.sum(xb.astype(jnp.float32), axis=1)[:, None]
+        if pk.scalar_scale:
+            return carry + (2.0 * d - c * xs)
+        g = kb // steps_per_group
+        sc = s_ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
+        if pk.has_zero:
+            z = z_ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
+            return carry + sc * (d - xs * z)
+        return carry + sc * (2.0 * d - c * xs)
+
+    if not pk.scalar_scale:
+        return _k_loop(kp, kidx, split, prog, body, acc)
+    part = _k_loop(kp, kidx, split, prog, body, jnp.zeros_like(acc))
+    scale = s_ref[0 if tenant is None else tenant].astype(jnp.float32)
+    return acc + part * scale
+
+
+def _dense_part(acc, kp, kidx, w_ref, x_ref, row0, row_mask, col0, bn, split, prog):
+    bk, bm = kp.block_k, prog.block_m
+
+    def body(kb, carry):
+        xb = _load_rows(x_ref, None, row0, bm, kp.x_offset + kb * bk, bk, row_mask)
+        wb = w_ref[pl.ds(col0, bn), pl.ds(kb * bk, bk)].astype(xb.dtype)
+        d = lax.dot_general(xb, wb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return carry + d
+
+    return _k_loop(kp, kidx, split, prog, body, acc)
+
+
+def _tile(cp, refs, x_refs, out_ref, j, row0, row_mask, tenant, split, prog):
+    bn, bm = cp.block_n, prog.block_m
+    col0 = j * bn
+    acc = jnp.zeros((bm, bn), jnp.float32)
+    pos = 0
+    for kidx, kp in enumerate(cp.kparts):
+        x_ref = x_refs[kp.x_index]
+        if kp.packed is None:
+            acc = _dense_part(
+                acc, kp, kidx, refs[pos], x_ref, row0, row_mask, col0, bn, split, prog
+            )
+            pos += 1
+        else:
+            n = len(packing.plane_bits(kp.packed.bits)) + 1 + int(kp.packed.has_zero)
+            acc = _packed_part(
+                acc,
+                kp,
+                kidx,
+                refs[pos : pos + n],
+                x_ref,
+                tenant,
+                row0,
+                row_mask,
+                col0,
+                bn,
+                split,
+                prog,
+            )
+            pos += n
+    if cp.col_scale:
+        cs = refs[pos][_idx(tenant, pl.ds(col0, bn))].astype(jnp.float32)
+        acc = acc * cs[None, :]
+    idx = (pl.ds(row0, bm), pl.ds(cp.out_offset + col0, bn))
+    view = out_ref.at[(split, *idx) if prog.split_k > 1 else idx]
+    val = acc.astype(out_ref.dtype)
+    if row_mask is None:
+        view[...] = val
+    else:
+        pltriton.store(view, val, mask=jnp.broadcast_to(row_mask, (bm, bn)))
+
+
+def _kernel(*refs, prog: Program):
+    x_refs = refs[: prog.num_x]
+    pos = prog.num_x
+    out_ref = refs[-1]
+    c, r, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bm = prog.block_m
+    if prog.tenants:
+        t_ref, r0_ref, n_ref = refs[pos : pos + 3]
+        pos += 3
+        tenant, row0, nrows = t_ref[r], r0_ref[r], n_ref[r]
+        active = (tenant >= 0) & (nrows > 0)
+        row_mask = (jnp.arange(bm, dtype=jnp.int32) < nrows)[:, None]
+    else:
+        tenant, active = None, None
+        row0 = r * bm
+        row_mask = None
+        if prog.m % bm:
+            row_mask = (row0 + jnp.arange(bm, dtype=jnp.int32) < prog.m)[:, None]
+    start = 0
+    for cp in prog.colparts:
+        n = _num_refs(cp)
+        cp_refs = refs[pos : pos + n]
+        pos += n
+        ntiles = cp.n // cp.block_n
+        cond = active
+        if len(prog.colparts) > 1:
+            inside = (c >= start) & (c < start + ntiles)
+            cond = inside if cond is None else cond & inside
+        tile = functools.partial(
+            _tile, cp, cp_refs, x_refs, out_ref, c - start, row0, row_mask, tenant, split, prog
+        )
+        if cond is None:
+            tile()
+        else:
+            pl.when(cond)(tile)
+        start += ntiles
+
+
+def run(prog: Program, xs, meta, operands, *, interpret: bool = False) -> jax.Array:
+    """Launches `prog`. Returns (M, N) in `prog.out_dtype`, or f32 (S, M, N) partials if S > 1.
+
+    Args:
+      prog: the static program.
+      xs: activations, 2-D, in the compute dtype.
+      meta: None, or (tenant, row0, rows) int32 vectors of length `prog.row_programs`.
+      operands: the weights of every column part / K part in order: per packed K part its planes,
+        its scale and (if any) its zero; per dense K part its (N, K) weight; per column part with
+        `col_scale` its column vector (after its K parts).
+      interpret: run the kernel with the Pallas interpreter.
+    """
+    n_total = prog.n_total
+    if prog.split_k > 1:
+        out_shape = jax.ShapeDtypeStruct((prog.split_k, prog.m, n_total), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((prog.m, n_total), jnp.dtype(prog.out_dtype))
+    args = [*xs, *(meta or ()), *operands]
+    return pl.pallas_call(
+        functools.partial(_kernel, prog=prog),
+        out_shape=out_shape,
+        grid=(prog.col_tiles, prog.row_programs, prog.split_k),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=prog.num_warps, num_stages=prog.num_stages
+        ),
+        interpret=interpret,
+        name="deltajax_packed_matmul",
+    )(*args)
+
+
+def finish(y: jax.Array, prog: Program) -> jax.Array:
+    """Reduces split-K partials and casts to the program's output dtype."""
+    if prog.split_k > 1:
+        y = jnp.sum(y, axis=0)
+    return y.astype(jnp.dtype(prog.out_dtype))
+
+
+# ----------------------------------------------------------------------------- multi-tenant
+
+
+def tenant_finish(y, prog: Program, order, tenant_ids, num_tenants, y_base=None):
+    """Reduces partials, un-sorts rows, zeroes rows without a delta, adds y_base (one fusion)."""
+    if prog.split_k > 1:
+        y = jnp.sum(y, axis=0)
+    return unsort_rows(y, order, tenant_ids, num_tenants, y_base, jnp.dtype(prog.out_dtype))

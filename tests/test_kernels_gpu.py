@@ -1,0 +1,123 @@
+"""Compiled Triton kernels on a real GPU against the references (skipped without a GPU).
+
+Run on the GPU machine: `python3 -m pytest -q -m gpu tests/test_kernels_gpu.py`. Before each
+kernel call the allocator pool is poisoned (a large NaN buffer is written and freed, so the
+kernel's output buffer is likely carved from NaN-filled memory) and `assert_close` rejects any
+non-finite output element.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from kernels_helpers import (
+    activations,
+    assert_close,
+    lowrank_bands,
+    packed_operand,
+    rng,
+    tenant_ids,
+)
+
+from pallas_kernels.lowrank_delta_matmul import (
+    lowrank_delta_matmul,
+    lowrank_delta_matmul_multitenant,
+)
+from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_multitenant
+from pallas_kernels.sign_matmul import sign_matmul, sign_matmul_multitenant
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"),
+]
+
+BF16, F32, F16 = jnp.bfloat16, jnp.float32, jnp.float16
+
+
+def _poison():
+    jnp.full((32 << 20,), jnp.nan, jnp.float32).block_until_ready()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("m", [1, 16, 200])
+@pytest.mark.parametrize("zero", [False, True])
+def test_quant_matmul_gpu(bits, m, zero):
+    gen = rng()
+    k, n, group = 1024, 576, 128
+    _, planes, scale, z, _ = packed_operand(gen, k, n, bits=bits, group=group, zero=zero)
+    x = activations(gen, m, k, BF16)
+    _poison()
+    got = quant_matmul(x, planes, scale, z, bits=bits, group=group, implementation="pallas_gpu")
+    want = quant_matmul(x, planes, scale, z, bits=bits, group=group, implementation="xla")
+    assert_close(got, want, dtype=BF16, what=f"gpu quant bits={bits} m={m} zero={zero}")
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_quant_matmul_gpu_dtypes(dtype):
+    gen = rng()
+    _, planes, scale, _, _ = packed_operand(gen, 4096, 512, bits=4, group=128)
+    x = activations(gen, 16, 4096, dtype)
+    _poison()
+    got = quant_matmul(x, planes, scale, bits=4, group=128, implementation="pallas_gpu")
+    want = quant_matmul(x, planes, scale, bits=4, group=128, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"gpu quant {dtype}")
+
+
+@pytest.mark.parametrize("m", [1, 64])
+def test_sign_matmul_gpu(m):
+    gen = rng()
+    _, (words,), _, _, _ = packed_operand(gen, 4096, 512, bits=1, group=32)
+    x = activations(gen, m, 4096, BF16)
+    _poison()
+    got = sign_matmul(x, words, jnp.float32(0.02), implementation="pallas_gpu")
+    want = sign_matmul(x, words, jnp.float32(0.02), implementation="xla")
+    assert_close(got, want, dtype=BF16, what="gpu sign")
+
+
+@pytest.mark.parametrize("m,with_base", [(1, False), (16, True), (100, True)])
+def test_lowrank_gpu(m, with_base):
+    gen = rng()
+    k, n = 1024, 768
+    bands = lowrank_bands(
+        gen, k, n, [(8, 128, 8, 128, 2), (3, 128, 3, 128, 32), (2, 128, 2, 128, 200)]
+    )
+    x = activations(gen, m, k, BF16)
+    base = jnp.asarray(gen.standard_normal((n, k)) * 0.02, BF16) if with_base else None
+    _poison()
+    got = lowrank_delta_matmul(x, bands, base=base, implementation="pallas_gpu")
+    want = lowrank_delta_matmul(x, bands, base=base, implementation="xla")
+    assert_close(got, want, dtype=BF16, what=f"gpu lowrank m={m}")
+
+
+@pytest.mark.parametrize("m", [16, 200])
+def test_multitenant_gpu(m):
+    gen = rng()
+    num_t, k, n = 4, 1024, 512
+    tids = tenant_ids(gen, m, num_t)
+    x = activations(gen, m, k, BF16)
+    y_base = activations(gen, m, n, BF16)
+    _, planes, scale, z, _ = packed_operand(gen, k, n, bits=3, group=128, zero=True, tenants=num_t)
+    _poison()
+    got = quant_matmul_multitenant(
+        x, tids, planes, scale, z, bits=3, group=128, y_base=y_base, implementation="pallas_gpu"
+    )
+    want = quant_matmul_multitenant(
+        x, tids, planes, scale, z, bits=3, group=128, y_base=y_base, implementation="xla"
+    )
+    assert_close(got, want, dtype=BF16, what="gpu quant multitenant")
+
+    _, (words,), _, _, _ = packed_operand(gen, k, n, bits=1, group=32, tenants=num_t)
+    scales = jnp.asarray(gen.uniform(0.01, 0.1, num_t), F32)
+    _poison()
+    got = sign_matmul_multitenant(x, tids, words, scales, implementation="pallas_gpu")
+    want = sign_matmul_multitenant(x, tids, words, scales, implementation="xla")
+    assert_close(got, want, dtype=BF16, what="gpu sign multitenant")
+
+    bands = lowrank_bands(gen, k, n, [(8, 128, 8, 128, 2), (2, 128, 2, 128, 60)], tenants=num_t)
+    _poison()
+    got = lowrank_delta_matmul_multitenant(
+        x, tids, bands, y_base=y_base, implementation="pallas_gpu"
+    )
+    want = lowrank_delta_matmul_multitenant(x, tids, bands, y_base=y_base, implementation="xla")
+    assert_close(got, want, dtype=BF16, what="gpu lowrank multitenant")

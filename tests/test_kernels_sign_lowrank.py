@@ -1,0 +1,175 @@
+"""sign_matmul and lowrank_delta_matmul kernels (interpret mode on CPU) against the references.
+
+Fresh random inputs every run; outputs are NaN-poisoned by the interpreter (see
+test_kernels_quant.py) and `assert_close` rejects non-finite elements.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernels_helpers import (
+    activations,
+    assert_close,
+    lowrank_bands,
+    on_cpu,
+    packed_operand,
+    rng,
+    tenant_ids,
+)
+
+from pallas_kernels import packing
+from pallas_kernels.lowrank_delta_matmul import (
+    LowRankBand,
+    lowrank_delta_matmul,
+    lowrank_delta_matmul_multitenant,
+)
+from pallas_kernels.lowrank_delta_matmul import reference as lr_reference
+from pallas_kernels.sign_matmul import pallas_gpu as sign_gpu
+from pallas_kernels.sign_matmul import sign_matmul, sign_matmul_multitenant
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+GPU, TPU = "pallas_gpu", "pallas_tpu"
+
+
+# ----------------------------------------------------------------------------- sign_matmul
+
+
+@pytest.mark.parametrize(
+    "impl,m,k,n,dtype",
+    [
+        (GPU, 1, 4096, 64, BF16),
+        (GPU, 136, 320, 96, F32),
+        (TPU, 5, 256, 192, BF16),
+        (TPU, 136, 512, 128, F32),
+    ],
+)
+def test_sign_matmul(impl, m, k, n, dtype):
+    gen = rng()
+    _, (words,), _, _, _ = packed_operand(gen, k, n, bits=1, group=32)
+    x = activations(gen, m, k, dtype)
+    scale = jnp.float32(gen.uniform(0.01, 0.1))
+    with on_cpu():
+        got = sign_matmul(x, words, scale, implementation=impl, interpret=True)
+        want = sign_matmul(x, words, scale, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"{impl} sign m={m}")
+
+
+def test_sign_reference_is_bitdelta():
+    """scale * x @ sign matrix, with the sign matrix built by hand."""
+    gen = rng()
+    q = gen.integers(0, 2, (64, 8))
+    (words,) = packing.pack_codes(jnp.asarray(q, jnp.uint32), 1)
+    x = gen.standard_normal((3, 64)).astype(np.float32)
+    got = sign_matmul(jnp.asarray(x), words, jnp.float32(0.25), implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), 0.25 * x @ (2.0 * q - 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl,m,dtype", [(GPU, 11, BF16), (GPU, 136, F32), (TPU, 9, F32)])
+def test_sign_multitenant(impl, m, dtype):
+    gen = rng()
+    num_t, k, n = 4, 256, 128
+    _, (words,), _, _, _ = packed_operand(gen, k, n, bits=1, group=32, tenants=num_t)
+    scales = jnp.asarray(gen.uniform(0.01, 0.1, num_t), F32)
+    x = activations(gen, m, k, dtype)
+    tids = tenant_ids(gen, m, num_t)
+    y_base = activations(gen, m, n, dtype)
+    with on_cpu():
+        got = sign_matmul_multitenant(
+            x, tids, words, scales, y_base=y_base, implementation=impl, interpret=True
+        )
+        want = sign_matmul_multitenant(x, tids, words, scales, y_base=y_base, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"{impl} sign multitenant m={m}")
+
+
+def test_sign_guard():
+    assert sign_gpu.can_use(k_pad=4096, n=576, dtype=BF16)
+    assert not sign_gpu.can_use(k_pad=4096, n=40, dtype=BF16)
+    gen = rng()
+    _, (words,), _, _, _ = packed_operand(gen, 64, 40, bits=1, group=32)
+    with pytest.raises(ValueError, match="pallas_gpu cannot run"):
+        sign_matmul(
+            activations(gen, 2, 64, F32),
+            words,
+            jnp.float32(1.0),
+            implementation=GPU,
+            interpret=True,
+        )
+
+
+# ----------------------------------------------------------------------------- lowrank
+
+# Delta-CoMe style: a few high-precision directions, more at 3 bits, most at 2 bits.
+SPECS = [(8, 128, 8, 128, 2), (3, 128, 3, 128, 32), (2, 128, 2, 128, 72)]
+
+
+@pytest.mark.parametrize(
+    "impl,m,dtype,zero,with_base",
+    [
+        (GPU, 1, BF16, False, False),
+        (GPU, 136, F32, True, True),
+        (GPU, 16, BF16, True, True),
+        (TPU, 5, F32, False, True),
+        (TPU, 136, BF16, True, False),
+    ],
+)
+def test_lowrank(impl, m, dtype, zero, with_base):
+    gen = rng()
+    k, n = 256, 192
+    bands = lowrank_bands(gen, k, n, SPECS, zero=zero)
+    x = activations(gen, m, k, dtype)
+    base = jnp.asarray(gen.standard_normal((n, k)) * 0.05, dtype) if with_base else None
+    with on_cpu():
+        got = lowrank_delta_matmul(x, bands, base=base, implementation=impl, interpret=True)
+        want = lowrank_delta_matmul(x, bands, base=base, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"{impl} lowrank m={m}")
+
+
+def test_lowrank_reference_matches_dense_svd_form():
+    """Σ_b (x V_b S_b) U_b equals x @ (Σ_b V_b diag(S_b) U_b), the dense delta."""
+    gen = rng()
+    bands = lowrank_bands(gen, 128, 64, [(4, 32, 4, 32, 8), (2, 32, 2, 32, 20)])
+    x = activations(gen, 4, 128, F32)
+    got = lowrank_delta_matmul(x, bands, implementation="xla")
+    want = x @ lr_reference.dense_delta(bands)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl,m,dtype", [(GPU, 9, BF16), (GPU, 136, F32), (TPU, 9, F32)])
+def test_lowrank_multitenant(impl, m, dtype):
+    gen = rng()
+    num_t, k, n = 3, 256, 128
+    bands = lowrank_bands(gen, k, n, SPECS, tenants=num_t, zero=True)
+    x = activations(gen, m, k, dtype)
+    tids = tenant_ids(gen, m, num_t)
+    y_base = activations(gen, m, n, dtype)
+    with on_cpu():
+        got = lowrank_delta_matmul_multitenant(
+            x, tids, bands, y_base=y_base, implementation=impl, interpret=True
+        )
+        want = lowrank_delta_matmul_multitenant(x, tids, bands, y_base=y_base, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"{impl} lowrank multitenant m={m}")
+
+
+def test_lowrank_rejects_inconsistent_bands():
+    gen = rng()
+    (band,) = lowrank_bands(gen, 128, 64, [(4, 32, 4, 32, 8)])
+    x = activations(gen, 2, 128, F32)
+    bad = LowRankBand(
+        v_planes=band.v_planes,
+        v_scale=band.v_scale,
+        u_planes=band.u_planes,
+        u_scale=band.u_scale,
+        s=band.s[:16],
+        v_bits=4,
+        v_group=32,
+        u_bits=4,
+        u_group=32,
+    )
+    with pytest.raises(ValueError, match="s has shape"):
+        lowrank_delta_matmul(x, (bad,))
+    with pytest.raises(ValueError, match="at least one band"):
+        lowrank_delta_matmul(x, ())
+    with pytest.raises(ValueError, match="base must be"):
+        lowrank_delta_matmul(x, (band,), base=jnp.zeros((63, 128)))
