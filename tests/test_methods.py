@@ -222,3 +222,30 @@ def test_delta_checkpoint_refuses_wrong_base_and_save_is_atomic(tmp_path):
     assert [p for p in os.listdir(tmp_path) if p != "delta"] == []  # no temp dirs left
     with pytest.raises(delta.DeltaError, match="unknown leaf"):
         delta.attach(base, {"nope.weight": comp["norm.weight"]})
+
+
+def test_streaming_compress_checkpoint_equals_in_memory(tmp_path):
+    import torch
+    from hf_tiny import make_tiny_hf
+
+    from deltajax import hf
+    from deltajax.pipeline import compress_checkpoint
+
+    b = make_tiny_hf("llama_gqa", tmp_path / "base", seed=0)
+    f = make_tiny_hf("llama_gqa", tmp_path / "ft", seed=0, max_shard_size="20KB")
+    import safetensors.torch as st
+
+    for p in sorted(f.glob("*.safetensors")):
+        t = st.load_file(p)
+        st.save_file({k: v + 0.01 * torch.randn_like(v) for k, v in t.items()}, p,
+                     metadata={"format": "pt"})
+    cfg = hf.load_config(b)
+    base, ft = hf.load_params(b, cfg), hf.load_params(f, cfg)
+    rules = delta.default_rules(RTN(bits=3, group=32))
+    ref = delta.compress_tree(delta.extract(base, ft), rules, progress=False)
+    got = compress_checkpoint(b, f, rules, progress=False)
+    assert set(got) == set(ref)
+    for n in ref:
+        for x, y in zip(jax.tree.leaves(got[n]), jax.tree.leaves(ref[n])):
+            np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                                       atol=1e-6)
