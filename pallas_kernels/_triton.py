@@ -11,13 +11,15 @@ over *K parts* (e.g. the bands of a low-rank expand, plus the base weight). quan
 column part with one K part; sign_matmul the same with one scalar scale; the low-rank shrink is one
 column part per band; the expand one column part with a K part per band.
 
-Packed tiles are post-scaled: each K step covers `block_k` rows of one scale group, the integer
-codes `q` are converted exactly to the activation dtype, and
+Packed tiles are post-scaled: each K step covers `block_k` rows of one scale group and the group
+scale multiplies the f32 partial product after the dot. Two dequant strategies (`dequant`):
 
-    x @ (s (2q - c)) = s (2 (x @ q) - c Σx)        (symmetric, c = 2^b - 1)
-    x @ (s (q - z))  = s ((x @ q) - z Σx)           (asymmetric)
-
-so the per-weight work is shift, and, convert; the row sums Σx are per K step.
+* "affine" (default): each weight becomes `2q - c` (symmetric, c = 2^b - 1) or `q - z` (zeros),
+  exact small integers in the activation dtype, before the dot;
+* "rowsum": the raw codes `q` go to the dot and the offset is applied afterwards,
+  `x @ (2q - c) = 2 (x @ q) - c Σx`, `x @ (q - z) = x @ q - z Σx`, with row sums Σx per step.
+  Fewer ops per weight, but the per-step row reduction costs more than it saves: on an H100 it
+  was 1.07-1.85x slower (benchmarks/kernels.md).
 
 Grid: (column tiles over all column parts, row tiles | tenant work items, split-K). With split-K
 > 1 the output holds f32 partial sums `(S, M, N)` that the caller reduces (XLA fuses that reduce
@@ -47,6 +49,12 @@ from pallas_kernels._common import pow2_divisor, unsort_rows
 
 MAX_BLOCK_K = 128
 MAX_BLOCK_N = 128
+DEQUANT_MODES = ("rowsum", "affine")
+# The dequant strategy used when a TritonConfig does not name one. H100 A/B (benchmarks/
+# kernels.md): "affine" took 0.54-0.94x the time of "rowsum" (geometric mean ~0.76x) on 7 shapes.
+DEFAULT_DEQUANT = "affine"
+# Largest unpacked (block_k, block_n) tile: bigger tiles spill registers with 4 warps.
+MAX_TILE_ELEMS = 128 * 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +68,10 @@ class TritonConfig:
       split_k: number of contraction splits (partial sums reduced afterwards).
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining stages.
+      dequant: "rowsum" (codes go straight to the MMA; the code offset and zeros are applied
+        after the dot through row sums of x) or "affine" (each weight is dequantized to
+        2q - c or q - z before the dot; the default, faster on H100). Scales are applied after
+        the dot either way.
     """
 
     block_m: int | None = None
@@ -68,6 +80,7 @@ class TritonConfig:
     split_k: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    dequant: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +129,7 @@ class Program:
     num_stages: int
     out_dtype: str
     tenants: bool = False
+    dequant: str = "rowsum"
 
     @property
     def n_total(self) -> int:
@@ -134,9 +148,15 @@ def min_block_k(bits: int) -> int:
     return max(16, packing.WORD_BITS // min(packing.plane_bits(bits)))
 
 
-def packed_block_k(k: int, packed: Packed, cap: int = MAX_BLOCK_K) -> int:
-    """Largest power-of-two K step <= cap dividing k and (for group scales) the group size."""
+def packed_block_k(k: int, packed: Packed, cap: int = MAX_BLOCK_K, block_n: int = 0) -> int:
+    """Largest power-of-two K step <= cap dividing k and (for group scales) the group size.
+
+    With `block_n`, the step is also capped so the unpacked tile stays <= MAX_TILE_ELEMS (but
+    never below the smallest legal step).
+    """
     span = k if packed.scalar_scale else math.gcd(k, packed.group)
+    if block_n:
+        cap = min(cap, max(min_block_k(packed.bits), MAX_TILE_ELEMS // block_n))
     return pow2_divisor(span, cap)
 
 
@@ -161,19 +181,24 @@ def block_n_for(n: int, cap: int = MAX_BLOCK_N) -> int:
     return pow2_divisor(n, cap)
 
 
+def block_n_heuristic(n: int, m: int) -> int:
+    """Output columns per tile: 256 for decode batches (<= 16 rows), else 128 (H100 sweep)."""
+    return pow2_divisor(n, 256 if m <= 16 else MAX_BLOCK_N)
+
+
 def block_m_for(m: int) -> int:
     """Rows per tile: the whole (padded) decode batch up to 64, else 64."""
     return min(64, max(16, 1 << max(0, (m - 1).bit_length())))
 
 
 def split_for(tiles: int, nblocks: int, sms: int, cap: int = 32) -> int:
-    """Split-K so that tiles * S covers about two waves of SMs; S divides nblocks."""
+    """Smallest split-K dividing nblocks with tiles * S >= 1.5 waves of SMs (H100 sweep)."""
     best = 1
     for s in range(1, min(cap, nblocks) + 1):
         if nblocks % s:
             continue
         best = s
-        if tiles * s >= 2 * sms:
+        if 2 * tiles * s >= 3 * sms:
             break
     return best
 
@@ -201,6 +226,19 @@ def _load_rows(ref, tenant, row0, rows, col, cols, row_mask):
         return view[...]
     mask = jnp.broadcast_to(row_mask, (rows, cols))
     return pltriton.load(view, mask=mask, other=0)
+
+
+def precision_for(x):
+    # Pallas-Triton maps DEFAULT to TF32 for f32 dots; ask for IEEE fp32 (bf16/f16 need nothing).
+    return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
+def dequant_mode(cfg: TritonConfig | None) -> str:
+    """The dequant strategy of a config (module default when unset), validated."""
+    mode = (cfg.dequant if cfg is not None else None) or DEFAULT_DEQUANT
+    if mode not in DEQUANT_MODES:
+        raise ValueError(f"TritonConfig.dequant must be one of {DEQUANT_MODES}, got {mode!r}")
+    return mode
 
 
 def _unpack(words: jax.Array, pb: int) -> jax.Array:
@@ -234,6 +272,7 @@ def _packed_part(acc, kp, kidx, refs, x_ref, tenant, row0, row_mask, col0, bn, s
     bk, bm = kp.block_k, prog.block_m
     c = float(2**pk.bits - 1)
     steps_per_group = 1 if pk.scalar_scale else pk.group // bk
+    affine = prog.dequant == "affine"
 
     def body(kb, carry):
         xb = _load_rows(x_ref, None, row0, bm, kp.x_offset + kb * bk, bk, row_mask)
@@ -245,16 +284,25 @@ def _packed_part(acc, kp, kidx, refs, x_ref, tenant, row0, row_mask, col0, bn, s
             qp = _unpack(wp, pb)
             q = qp if q is None else q | (qp << shift)
             shift += pb
-        d = jnp.dot(xb, q.astype(xb.dtype), preferred_element_type=jnp.float32)
-        xs = jnp.sum(xb.astype(jnp.float32), axis=1)[:, None]
-        if pk.scalar_scale:
-            return carry + (2.0 * d - c * xs)
         g = kb // steps_per_group
-        sc = s_ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
+        z = None
         if pk.has_zero:
             z = z_ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
-            return carry + sc * (d - xs * z)
-        return carry + sc * (2.0 * d - c * xs)
+        if affine:
+            if z is not None:
+                w = (q.astype(jnp.float32) - z).astype(xb.dtype)
+            else:
+                w = (2 * q - (2**pk.bits - 1)).astype(xb.dtype)
+            d = jnp.dot(xb, w, precision=precision_for(xb), preferred_element_type=jnp.float32)
+        else:
+            w = q.astype(xb.dtype)
+            d = jnp.dot(xb, w, precision=precision_for(xb), preferred_element_type=jnp.float32)
+            xs = jnp.sum(xb.astype(jnp.float32), axis=1)[:, None]
+            d = d - xs * z if z is not None else 2.0 * d - c * xs
+        if pk.scalar_scale:
+            return carry + d
+        sc = s_ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
+        return carry + sc * d
 
     if not pk.scalar_scale:
         return _k_loop(kp, kidx, split, prog, body, acc)
@@ -269,7 +317,13 @@ def _dense_part(acc, kp, kidx, w_ref, x_ref, row0, row_mask, col0, bn, split, pr
     def body(kb, carry):
         xb = _load_rows(x_ref, None, row0, bm, kp.x_offset + kb * bk, bk, row_mask)
         wb = w_ref[pl.ds(col0, bn), pl.ds(kb * bk, bk)].astype(xb.dtype)
-        d = lax.dot_general(xb, wb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        d = lax.dot_general(
+            xb,
+            wb,
+            (((1,), (1,)), ((), ())),
+            precision=precision_for(xb),
+            preferred_element_type=jnp.float32,
+        )
         return carry + d
 
     return _k_loop(kp, kidx, split, prog, body, acc)

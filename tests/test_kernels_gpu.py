@@ -24,6 +24,7 @@ from pallas_kernels.lowrank_delta_matmul import (
     lowrank_delta_matmul,
     lowrank_delta_matmul_multitenant,
 )
+from pallas_kernels.quant_matmul import pallas_gpu as qgpu
 from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_multitenant
 from pallas_kernels.sign_matmul import sign_matmul, sign_matmul_multitenant
 
@@ -51,6 +52,18 @@ def test_quant_matmul_gpu(bits, m, zero):
     got = quant_matmul(x, planes, scale, z, bits=bits, group=group, implementation="pallas_gpu")
     want = quant_matmul(x, planes, scale, z, bits=bits, group=group, implementation="xla")
     assert_close(got, want, dtype=BF16, what=f"gpu quant bits={bits} m={m} zero={zero}")
+
+
+@pytest.mark.parametrize("bits,zero", [(1, False), (3, True), (4, False), (8, True)])
+def test_quant_matmul_gpu_rowsum(bits, zero):
+    gen = rng()
+    k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 576, bits=bits, group=128, zero=zero)
+    x = activations(gen, 16, k_pad, BF16)
+    _poison()
+    cfg = qgpu.TritonConfig(dequant="rowsum")
+    got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
+    want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
+    assert_close(got, want, dtype=BF16, what=f"gpu rowsum bits={bits}")
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])

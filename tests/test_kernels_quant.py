@@ -231,3 +231,29 @@ def test_leading_dims_padding_and_outer_jit():
         want = quant_matmul(xp, planes, scale, bits=2, group=32, implementation="xla")
     assert got.shape == (2, 3, 64)
     assert_close(got.reshape(6, 64), want, dtype=F32)
+
+
+@pytest.mark.parametrize("bits,zero,dtype", [(1, False, BF16), (3, True, F32), (8, True, BF16)])
+def test_gpu_kernel_rowsum_dequant(bits, zero, dtype):
+    """The non-default Triton dequant strategy (code offset and zeros applied via row sums)."""
+    gen = rng()
+    k_pad, planes, scale, z, _ = packed_operand(gen, 576, 192, bits=bits, group=128, zero=zero)
+    x = activations(gen, 5, k_pad, dtype)
+    cfg = pallas_gpu.TritonConfig(dequant="rowsum")
+    with on_cpu():
+        got = pallas_gpu.quant_matmul(
+            x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
+        )
+        want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"rowsum bits={bits}")
+    with pytest.raises(ValueError, match="dequant must be"):
+        pallas_gpu.quant_matmul(
+            x,
+            planes,
+            scale,
+            z,
+            bits=bits,
+            group=128,
+            interpret=True,
+            config=pallas_gpu.TritonConfig(dequant="lut"),
+        )

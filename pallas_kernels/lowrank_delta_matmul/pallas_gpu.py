@@ -4,7 +4,8 @@
    part per band (each with its own bit width), concatenated into `h (M, Σ r_b)`. The contraction
    is over K, so it is split-K; XLA sums the partials (fused with the cast).
 2. *Expand*: one launch computes `y = Σ_b h_b @ deq(U_b)` (one K part per band), optionally plus
-   the dense base matmul `x @ baseᵀ` as one more K part of the same tiles ("fused with the base").
+   the dense base matmul `x @ baseᵀ` as one more K part of the same tiles ("fused with the base";
+   by default only for M >= FUSE_BASE_MIN_ROWS, where it measured faster than XLA's GEMM).
 
 Padding beyond each band's true rank (`LowRankBand.rank`, zero codes with zero scales) is skipped:
 the shrink computes only `round_up(rank, 32)` columns and the expand contracts only over those.
@@ -21,6 +22,11 @@ import jax.numpy as jnp
 from pallas_kernels import _triton as tr
 from pallas_kernels._common import FLOAT_DTYPES, cdiv, pow2_divisor, sm_count, tenant_work_items
 from pallas_kernels._triton import TritonConfig
+
+# Below this many rows XLA's GEMM for the base plus the separate delta launches was faster than
+# the base fused into the expand launch on an H100 (benchmarks/kernels.md: 37 vs 46 µs at M=16,
+# 50 vs 44 µs at M=64 for 4096x4096).
+FUSE_BASE_MIN_ROWS = 64
 
 __all__ = [
     "TritonConfig",
@@ -44,9 +50,10 @@ class BandGeom:
 
 
 def band_geom(band, r_pad: int) -> BandGeom:
-    """Effective rank: the true rank rounded up to 32 (a whole word for 1-bit planes)."""
+    """Effective rank: the true rank rounded up to 32 (128 for ranks >= 128: wider tiles)."""
     rank = band.rank or r_pad
-    r_eff = min(r_pad, cdiv(rank, 32) * 32)
+    unit = 128 if rank >= 128 else 32
+    r_eff = min(r_pad, cdiv(rank, unit) * unit)
     u = tr.Packed(bits=band.u_bits, group=band.u_group, has_zero=band.u_zero is not None)
     v = tr.Packed(bits=band.v_bits, group=band.v_group, has_zero=band.v_zero is not None)
     return BandGeom(
@@ -108,6 +115,7 @@ def plan(m, k_pad, n, geoms, dtype, config, *, row_programs=None, tenants=False,
         num_stages=cfg.num_stages or 3,
         out_dtype=jnp.dtype(dtype).name,
         tenants=tenants,
+        dequant=tr.dequant_mode(cfg),
     )
     # Expand: one column part over N, one K part per band (+ the dense base).
     kparts, off = [], 0
@@ -124,7 +132,7 @@ def plan(m, k_pad, n, geoms, dtype, config, *, row_programs=None, tenants=False,
                 packed=None,
             )
         )
-    bn = cfg.block_n or tr.block_n_for(n)
+    bn = cfg.block_n or tr.block_n_heuristic(n, bm)
     nb = max(kp.k // kp.block_k for kp in kparts)
     expand = tr.Program(
         colparts=(tr.ColPart(n=n, out_offset=0, block_n=bn, kparts=tuple(kparts)),),
@@ -137,6 +145,7 @@ def plan(m, k_pad, n, geoms, dtype, config, *, row_programs=None, tenants=False,
         num_stages=cfg.num_stages or 3,
         out_dtype=jnp.dtype(dtype).name,
         tenants=tenants,
+        dequant=tr.dequant_mode(cfg),
     )
     return shrink, expand
 
@@ -155,21 +164,40 @@ def lowrank_delta_matmul(
     bands,
     *,
     base: jax.Array | None = None,
+    fuse_base: bool | None = None,
     config: TritonConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """y = Σ_b ((x @ deq(V_b)) * S_b) @ deq(U_b) (+ x @ baseᵀ). x (M, K_pad) -> (M, N)."""
+    """y = Σ_b ((x @ deq(V_b)) * S_b) @ deq(U_b) (+ x @ baseᵀ). x (M, K_pad) -> (M, N).
+
+    `fuse_base` (None: fuse when M >= FUSE_BASE_MIN_ROWS) runs the base matmul inside the expand
+    launch; otherwise XLA's dense matmul computes it and the sum is fused into the epilogue.
+    """
     m, k_pad = x.shape
     n = bands[0].u_planes[0].shape[-1]
+    if fuse_base is None:
+        fuse_base = m >= FUSE_BASE_MIN_ROWS
     geoms = [band_geom(b, b.v_planes[0].shape[-1]) for b in bands]
-    base_k = None if base is None else base.shape[1]
+    base_k = None if base is None or not fuse_base else base.shape[1]
     shrink, expand = plan(m, k_pad, n, geoms, x.dtype, config, base_k=base_k)
     s_ops, e_ops = _operands(bands)
     h = tr.finish(tr.run(shrink, [x], None, s_ops, interpret=interpret), shrink)
-    xs = [h] if base is None else [h, x]
-    if base is not None:
-        e_ops = [*e_ops, base]
-    return tr.finish(tr.run(expand, xs, None, e_ops, interpret=interpret), expand)
+    xs = [h]
+    if base_k is not None:
+        xs, e_ops = [h, x], [*e_ops, base]
+    y = tr.run(expand, xs, None, e_ops, interpret=interpret)
+    if base is None or base_k is not None:
+        return tr.finish(y, expand)
+    if expand.split_k > 1:
+        y = jnp.sum(y, axis=0)
+    yb = jnp.einsum(
+        "mk,nk->mn",
+        x[:, : base.shape[1]],
+        base.astype(x.dtype),
+        precision=tr.precision_for(x),
+        preferred_element_type=jnp.float32,
+    )
+    return (y.astype(jnp.float32) + yb).astype(x.dtype)
 
 
 def lowrank_delta_matmul_multitenant(

@@ -19,7 +19,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
 
 from pallas_kernels._common import check_dtype, check_packed, pad_last, resolve_implementation
 from pallas_kernels.quant_matmul import pallas_gpu, pallas_tpu, reference
@@ -55,16 +54,16 @@ def choose_implementation(
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def quant_matmul(
-    x: Float[Array, "*b k"],
+    x: jax.Array,
     planes: tuple[jax.Array, ...],
-    scale: Float[Array, "kg n"],
-    zero: Float[Array, "kg n"] | None = None,
+    scale: jax.Array,
+    zero: jax.Array | None = None,
     *,
     bits: int,
     group: int,
     implementation: str = "auto",
     interpret: bool = False,
-) -> Float[Array, "*b n"]:
+) -> jax.Array:
     """y = x @ dequant(planes, scale, zero)ᵀ.
 
     Args:
@@ -112,18 +111,18 @@ def quant_matmul(
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def quant_matmul_multitenant(
-    x: Float[Array, "*b k"],
-    tenant_ids: Int[Array, "*b"],
+    x: jax.Array,
+    tenant_ids: jax.Array,
     planes: tuple[jax.Array, ...],
-    scale: Float[Array, "t kg n"],
-    zero: Float[Array, "t kg n"] | None = None,
+    scale: jax.Array,
+    zero: jax.Array | None = None,
     *,
     bits: int,
     group: int,
-    y_base: Float[Array, "*b n"] | None = None,
+    y_base: jax.Array | None = None,
     implementation: str = "auto",
     interpret: bool = False,
-) -> Float[Array, "*b n"]:
+) -> jax.Array:
     """Multi-tenant quant_matmul: row i computes x[i] @ dequant(W[tenant_ids[i]])ᵀ.
 
     Args:

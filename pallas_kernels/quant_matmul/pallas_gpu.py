@@ -1,11 +1,13 @@
 """quant_matmul on GPU: Pallas with the Triton lowering (see `pallas_kernels/_triton.py`).
 
 One launch per call: a grid of (N tiles, row tiles, split-K). Decode batches (1..64 rows) are a
-single row tile padded to a power of two >= 16 by masked loads (no pad op); split-K is chosen so
-that about two waves of programs cover the SMs, and its f32 partials are summed by XLA (fused with
-the cast). Constraints (Triton needs power-of-two block sizes): N must have a power-of-two divisor
->= 16, and a power-of-two K step >= 16 (>= 32/b for b-bit planes) must divide both K_pad and the
-group size. `can_use` checks exactly these.
+single row tile padded to a power of two >= 16 by masked loads (no pad op); split-K is the
+smallest that gives about 1.5 waves of programs over the SMs, and its f32 partials are summed by
+XLA (fused with the cast). Tile heuristics come from an H100 sweep (`benchmarks/kernels.md`).
+
+Constraints (Triton needs power-of-two block sizes): N must have a power-of-two divisor >= 16,
+and a power-of-two K step >= 16 (>= 32/b for b-bit planes) must divide both K_pad and the group
+size. `can_use` checks exactly these.
 """
 
 from __future__ import annotations
@@ -58,11 +60,14 @@ def plan_single(
     """Program for one packed operand (quant_matmul / sign_matmul, single or multi-tenant)."""
     cfg = config or TritonConfig()
     _check_config(cfg)
-    bk = tr.packed_block_k(k, packed, cfg.block_k or block_k_cap)
-    bn = cfg.block_n or tr.block_n_for(n)
+    bm = cfg.block_m or tr.block_m_for(m)
+    bn = cfg.block_n or tr.block_n_heuristic(n, bm)
+    if cfg.block_k:
+        bk = tr.packed_block_k(k, packed, cfg.block_k)
+    else:
+        bk = tr.packed_block_k(k, packed, block_k_cap, block_n=bn)
     if n % bn:
         raise ValueError(f"block_n={bn} does not divide N={n}")
-    bm = cfg.block_m or tr.block_m_for(m)
     rows = row_programs if row_programs is not None else cdiv(m, bm)
     nb = k // bk
     split = cfg.split_k or tr.split_for((n // bn) * rows, nb, sm_count())
@@ -80,6 +85,7 @@ def plan_single(
         num_stages=cfg.num_stages or 3,
         out_dtype=jnp.dtype(dtype).name,
         tenants=tenants,
+        dequant=tr.dequant_mode(cfg),
     )
 
 

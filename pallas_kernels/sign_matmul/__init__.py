@@ -14,7 +14,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
 
 from pallas_kernels._common import check_dtype, pad_last, resolve_implementation
 from pallas_kernels.sign_matmul import pallas_gpu, pallas_tpu, reference
@@ -48,13 +47,13 @@ def _impl(k_pad, n, dtype, implementation, interpret, where):
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def sign_matmul(
-    x: Float[Array, "*b k"],
+    x: jax.Array,
     words: jax.Array,
     scale: jax.Array,
     *,
     implementation: str = "auto",
     interpret: bool = False,
-) -> Float[Array, "*b n"]:
+) -> jax.Array:
     """y = scale * x @ (2q - 1)ᵀ.
 
     Args:
@@ -85,15 +84,15 @@ def sign_matmul(
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def sign_matmul_multitenant(
-    x: Float[Array, "*b k"],
-    tenant_ids: Int[Array, "*b"],
+    x: jax.Array,
+    tenant_ids: jax.Array,
     words: jax.Array,
-    scales: Float[Array, " t"],
+    scales: jax.Array,
     *,
-    y_base: Float[Array, "*b n"] | None = None,
+    y_base: jax.Array | None = None,
     implementation: str = "auto",
     interpret: bool = False,
-) -> Float[Array, "*b n"]:
+) -> jax.Array:
     """Multi-tenant BitDelta: row i computes scales[t] * x[i] @ (2 q[t] - 1)ᵀ, t = tenant_ids[i].
 
     Args:

@@ -1,0 +1,723 @@
+"""Benchmark the packed-matmul kernels on a GPU and write benchmarks/kernels.md.
+
+Checks each Pallas kernel against its reference on the device first (`--check`), then times
+per-layer µs for quant_matmul (group 128), sign_matmul, lowrank_delta_matmul (Delta-CoMe bands)
+and the multi-tenant forms (T=16), against XLA bf16 dense, XLA int4 per-channel and the unfused
+XLA dequantize-then-matmul of the same packed data. `--sweep` times a grid of Triton tile configs.
+
+Timing (KERNELS.md §6): one jit runs `--loops` iterations of a `lax.fori_loop`; each iteration
+applies R distinct layers (R chosen so the weights of one iteration exceed 160 MB, beyond L2), and
+each layer's input depends on the previous output through one tiny fused add, so nothing is
+hoisted. µs/layer = median of `--reps` runs / (loops * R); it includes launch gaps and glue ops
+(the loop's own cost per layer is measured and printed as "loop overhead"). Roofline % = bytes a
+layer must move (packed codes + scales + activations in and out) / the measured device copy
+bandwidth, divided by the measured time.
+
+Example:
+  PYTHONPATH=. python3 scripts/bench_kernels.py --quick
+  PYTHONPATH=. python3 scripts/bench_kernels.py --sweep --nobench
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from pallas_kernels import _triton as tr
+from pallas_kernels import packing
+from pallas_kernels.lowrank_delta_matmul import (
+    LowRankBand,
+    lowrank_delta_matmul,
+    lowrank_delta_matmul_multitenant,
+)
+from pallas_kernels.lowrank_delta_matmul import pallas_gpu as lrgpu
+from pallas_kernels.quant_matmul import pallas_gpu as qgpu
+from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_multitenant
+from pallas_kernels.sign_matmul import sign_matmul, sign_matmul_multitenant
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "Run a small subset (2 shapes, 1 and 16 tokens, w4/w2).")
+flags.DEFINE_bool("check", True, "Check every kernel against its reference on the device first.")
+flags.DEFINE_bool("bench", True, "Run the benchmark tables.")
+flags.DEFINE_bool("sweep", False, "Time a grid of Triton tile configs for quant_matmul.")
+flags.DEFINE_bool("ab", True, "A/B the two Triton dequant strategies and use the faster.")
+flags.DEFINE_integer("loops", 10, "fori_loop iterations per timed run.")
+flags.DEFINE_integer("reps", 5, "Timed runs (the median is reported).")
+flags.DEFINE_string("out", "benchmarks/kernels.md", "Markdown report path.")
+flags.DEFINE_integer("sweep_budget_s", 150, "Stop starting new sweep configs after this long.")
+flags.DEFINE_bool("smoke", False, "Tiny shapes, CPU allowed: checks the script's plumbing only.")
+
+GROUP = 128
+TARGET_BYTES = 160e6
+BF16 = jnp.bfloat16
+LOG: list[str] = []
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+    LOG.append(msg)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of an XLA elementwise pass over 1 GiB (read + write)."""
+    a = jnp.ones((256 << 20,), jnp.float32)
+
+    @jax.jit
+    def f(a):
+        return jax.lax.fori_loop(0, 10, lambda i, a: a * 1.0001 + 1e-7, a)
+
+    f(a).block_until_ready()
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 10 * 2 * a.nbytes / statistics.median(ts)
+
+
+def _carry(x, y):
+    k, n = x.shape[-1], y.shape[-1]
+    z = y[:, :k] if n >= k else jnp.pad(y, ((0, 0), (0, k - n)))
+    return x + (z * 1e-8).astype(x.dtype)
+
+
+def time_layers(fn, x0, weights) -> float:
+    """Median µs per layer of `fn(x, w)` over the distinct layers `weights`."""
+    loops, r = FLAGS.loops, len(weights)
+
+    @jax.jit
+    def run(x, ws):
+        def body(i, x):
+            for w in ws:
+                x = _carry(x, fn(x, w))
+            return x
+
+        return jax.lax.fori_loop(0, loops, body, x)
+
+    run(x0, weights).block_until_ready()
+    ts = []
+    for _ in range(FLAGS.reps):
+        t0 = time.perf_counter()
+        run(x0, weights).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) / (loops * r) * 1e6
+
+
+def copies(layer_bytes: float) -> int:
+    return int(min(32, max(2, math.ceil(TARGET_BYTES / layer_bytes))))
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+class Maker:
+    """Random device weights; every call draws new values."""
+
+    def __init__(self):
+        self.key = jax.random.key(int(time.time()))
+
+    def _k(self):
+        self.key, k = jax.random.split(self.key)
+        return k
+
+    def words(self, shape):
+        return jax.random.bits(self._k(), shape, jnp.uint32)
+
+    def packed(self, k, n, bits, lead=()):
+        planes = tuple(self.words(lead + (k * pb // 32, n)) for pb in packing.plane_bits(bits))
+        scale = jax.random.uniform(self._k(), lead + (k // GROUP, n), BF16, 0.5, 1.5) / 2**bits
+        return planes, scale
+
+    def dense(self, n, k):
+        return (jax.random.normal(self._k(), (n, k), jnp.float32) * 0.02).astype(BF16)
+
+    def int4(self, k, n):
+        q = jax.random.randint(self._k(), (k, n), -8, 8, jnp.int32).astype(jnp.int4)
+        return q, jax.random.uniform(self._k(), (n,), BF16, 0.001, 0.01)
+
+    def x(self, m, k):
+        return jax.random.normal(self._k(), (m, k), BF16)
+
+    def band(self, k, n, bits, rank, lead=()):
+        r_pad = packing.padded_k(rank, GROUP)
+        vp, vs = self.packed(k, r_pad, bits, lead)
+        up, us = self.packed(r_pad, n, bits, lead)
+        col = (jnp.arange(r_pad) < rank).astype(BF16)
+        s = jax.random.uniform(self._k(), lead + (r_pad,), jnp.float32) * col.astype(jnp.float32)
+        return LowRankBand(
+            v_planes=vp,
+            v_scale=vs * col,
+            u_planes=up,
+            u_scale=us,
+            s=s,
+            v_bits=bits,
+            v_group=GROUP,
+            u_bits=bits,
+            u_group=GROUP,
+            rank=rank,
+        )
+
+
+def packed_bytes(k, n, bits):
+    return k * n * bits / 8 + (k // GROUP) * n * 2
+
+
+def io_bytes(m, k, n):
+    return 2 * m * k + 2 * m * n
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def bf16_fn(x, w):
+    return jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32).astype(BF16)
+
+
+def int4_fn(x, w):
+    q, s = w
+    y = jnp.dot(x, q.astype(BF16), preferred_element_type=jnp.float32)
+    return (y * s.astype(jnp.float32)).astype(BF16)
+
+
+def unfused_fn(bits):
+    def f(x, w):
+        planes, scale = w
+        wd = packing.dequantize(planes, scale, None, bits=bits, group=GROUP, dtype=BF16)
+        return jnp.dot(x, wd, preferred_element_type=jnp.float32).astype(BF16)
+
+    return f
+
+
+def ours_fn(bits):
+    def f(x, w):
+        return quant_matmul(x, w[0], w[1], None, bits=bits, group=GROUP)
+
+    return f
+
+
+class Baselines:
+    """Caches XLA bf16 / int4 per-channel timings per (K, N, M)."""
+
+    def __init__(self, mk: Maker):
+        self.mk, self.cache = mk, {}
+
+    def get(self, k, n, m):
+        key = (k, n, m)
+        if key not in self.cache:
+            x = self.mk.x(m, k)
+            wb = [self.mk.dense(n, k) for _ in range(copies(2 * k * n))]
+            wi = [self.mk.int4(k, n) for _ in range(copies(k * n / 2))]
+            self.cache[key] = (time_layers(bf16_fn, x, wb), time_layers(int4_fn, x, wi))
+            del wb, wi
+        return self.cache[key]
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def run_checks() -> list[str]:
+    """Each kernel vs its reference on this device; returns result lines."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    import pytest
+
+    log("## correctness on device: pytest -m gpu tests/test_kernels_gpu.py")
+    rc = pytest.main(
+        [
+            "-q",
+            "-m",
+            "gpu",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(os.path.dirname(__file__), "..", "tests", "test_kernels_gpu.py"),
+        ]
+    )
+    line = f"device correctness tests: {'PASS' if rc == 0 else f'FAIL (pytest exit {rc})'}"
+    log(line)
+    return [line]
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def fmt(v, spec=".1f"):
+    return "–" if v is None else format(v, spec)
+
+
+def speed(base, ours):
+    return None if base is None or ours is None else base / ours
+
+
+def quant_rows(mk, bl, bw, shapes, ms, bits_all, bits_m16):
+    rows = []
+    for k, n in shapes:
+        for m in ms:
+            bits_list = bits_all + ([b for b in bits_m16 if b not in bits_all] if m == 16 else [])
+            tb, ti = bl.get(k, n, m)
+            for bits in bits_list:
+                x = mk.x(m, k)
+                ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
+                t = time_layers(ours_fn(bits), x, ws)
+                tu = time_layers(unfused_fn(bits), x, ws)
+                del ws
+                roof = (packed_bytes(k, n, bits) + io_bytes(m, k, n)) / bw * 1e6
+                add_row(
+                    rows,
+                    [
+                        f"{k}×{n}",
+                        m,
+                        f"quant w{bits}",
+                        t,
+                        100 * roof / t,
+                        tb,
+                        tb / t,
+                        ti,
+                        ti / t,
+                        tu,
+                        tu / t,
+                    ],
+                )
+
+    return rows
+
+
+def _row(r):
+    return (
+        "| "
+        + " | ".join(
+            [
+                str(r[0]),
+                str(r[1]),
+                r[2],
+                fmt(r[3]),
+                fmt(r[4], ".0f"),
+                fmt(r[5]),
+                fmt(r[6], ".2f"),
+                fmt(r[7]),
+                fmt(r[8], ".2f"),
+                fmt(r[9]),
+                fmt(r[10], ".2f"),
+            ]
+        )
+        + " |"
+    )
+
+
+REPORT = {"header": [], "tables": {}, "rows": []}
+
+
+def add_row(rows, r):
+    """Records a table row, logs it and rewrites the report (partial results survive a timeout)."""
+    rows.append(r)
+    REPORT["rows"].append(r)
+    log(_row(r))
+    write_report()
+
+
+def write_report():
+    method = __doc__.split("Example:")[0].strip().split("\n\n", 1)[1]
+    parts = ["\n".join(REPORT["header"]), method]
+    parts += list(REPORT["tables"].values())
+    if REPORT["rows"]:
+        parts.append(
+            "## Per-layer timings\n\n"
+            + "\n".join([HEADER, SEP] + [_row(r) for r in REPORT["rows"]])
+        )
+    md = "\n\n".join(parts) + "\n"
+    paths = [FLAGS.out]
+    if os.environ.get("OUT"):
+        paths.append(os.path.join(os.environ["OUT"], "kernels.md"))
+    for path in paths:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(md)
+        os.replace(path + ".tmp", path)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_log.txt"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
+
+
+def ab_dequant(mk, bw):
+    """Times both Triton dequant strategies at default tiles; makes the faster one the default."""
+    lines = [
+        "| K×N | M | bits | rowsum µs | affine µs | affine / rowsum |",
+        "|---|---|---|---|---|---|",
+    ]
+    log("\n## Triton dequant strategy A/B (default tiles, per layer)")
+    log(lines[0])
+    cases = [
+        ((4096, 14336), 16, 4),
+        ((4096, 14336), 16, 2),
+        ((4096, 4096), 16, 4),
+        ((4096, 4096), 1, 1),
+        ((4096, 14336), 64, 4),
+        ((8192, 8192), 1, 4),
+        ((14336, 4096), 16, 3),
+    ]
+    if FLAGS.smoke:
+        cases = [((256, 128), 16, 4)]
+    ratios = []
+    for (k, n), m, bits in cases:
+        x = mk.x(m, k)
+        ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
+        t = {}
+        for mode in tr.DEQUANT_MODES:
+            cfg = qgpu.TritonConfig(dequant=mode)
+
+            def f(x, w, cfg=cfg, bits=bits):
+                return qgpu.quant_matmul(
+                    x, w[0], w[1], None, bits=bits, group=GROUP, config=cfg, interpret=FLAGS.smoke
+                )
+
+            t[mode] = time_layers(f, x, ws)
+        del ws
+        ratios.append(t["affine"] / t["rowsum"])
+        lines.append(
+            f"| {k}×{n} | {m} | {bits} | {t['rowsum']:.1f} | {t['affine']:.1f} | {ratios[-1]:.2f} |"
+        )
+        log(lines[-1])
+    gmean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    winner = "affine" if gmean < 1.0 else "rowsum"
+    tr.DEFAULT_DEQUANT = winner
+    jax.clear_caches()
+    lines.append(
+        f"\ngeometric-mean affine/rowsum = {gmean:.3f}: the tables below use "
+        f"`{winner}` (`pallas_kernels._triton.DEFAULT_DEQUANT`)."
+    )
+    log(lines[-1])
+    return "\n".join(lines)
+
+
+def sign_rows(mk, bl, bw, shapes, ms):
+    rows = []
+    for k, n in shapes:
+        for m in ms:
+            tb, ti = bl.get(k, n, m)
+            x = mk.x(m, k)
+            ws = [(mk.words((k // 32, n)), jnp.float32(0.01)) for _ in range(copies(k * n / 8))]
+
+            def ours(x, w):
+                return sign_matmul(x, w[0], w[1])
+
+            def unfused(x, w):
+                sg = 2 * packing.unpack_plane(w[0], 1).astype(BF16) - 1
+                return (jnp.dot(x, sg, preferred_element_type=jnp.float32) * w[1]).astype(BF16)
+
+            t, tu = time_layers(ours, x, ws), time_layers(unfused, x, ws)
+            roof = (k * n / 8 + io_bytes(m, k, n)) / bw * 1e6
+            add_row(
+                rows,
+                [f"{k}×{n}", m, "sign w1", t, 100 * roof / t, tb, tb / t, ti, ti / t, tu, tu / t],
+            )
+
+    return rows
+
+
+COME_BANDS = [(8, 2), (3, 32), (2, 968)]  # Delta-CoMe α=1/16 for 4096²: (bits, rank)
+
+
+def lowrank_bytes(k, n, bands=COME_BANDS):
+    total = 0
+    for bits, rank in bands:
+        r = math.ceil(rank / 32) * 32
+        total += packed_bytes(k, r, bits) + r * n * bits / 8 + math.ceil(r / GROUP) * n * 2
+    return total
+
+
+def lowrank_rows(mk, bl, bw, ms, dim=4096, bands=COME_BANDS):
+    k = n = dim
+    rows = []
+    for m in ms:
+        tb, ti = bl.get(k, n, m)
+        x = mk.x(m, k)
+        nl = copies(lowrank_bytes(k, n, bands) + 2 * k * n)
+        ws = [(tuple(mk.band(k, n, b, r) for b, r in bands), mk.dense(n, k)) for _ in range(nl)]
+
+        def delta(x, w):
+            return lowrank_delta_matmul(x, w[0])
+
+        def fused(x, w):
+            return lrgpu.lowrank_delta_matmul(
+                x, w[0], base=w[1], fuse_base=True, interpret=FLAGS.smoke
+            )
+
+        def xla_base(x, w):
+            return lrgpu.lowrank_delta_matmul(
+                x, w[0], base=w[1], fuse_base=False, interpret=FLAGS.smoke
+            )
+
+        def unfused_delta(x, w):
+            return lowrank_delta_matmul(x, w[0], implementation="xla")
+
+        def unfused_fused(x, w):
+            return (
+                bf16_fn(x, w[1]).astype(jnp.float32)
+                + lowrank_delta_matmul(x, w[0], implementation="xla").astype(jnp.float32)
+            ).astype(BF16)
+
+        for name, f, fu, extra in [
+            ("lowrank delta", delta, unfused_delta, 0),
+            ("lowrank + base, fused in Pallas", fused, unfused_fused, 2 * k * n),
+            ("lowrank + base, XLA base GEMM", xla_base, unfused_fused, 2 * k * n),
+        ]:
+            t, tu = time_layers(f, x, ws), time_layers(fu, x, ws)
+            roof = (lowrank_bytes(k, n, bands) + extra + io_bytes(m, k, n)) / bw * 1e6
+            add_row(
+                rows, [f"{k}×{n}", m, name, t, 100 * roof / t, tb, tb / t, ti, ti / t, tu, tu / t]
+            )
+
+        del ws
+    return rows
+
+
+def multitenant_rows(mk, bl, bw, ms, quick, dim=4096, bands=COME_BANDS):
+    k = n = dim
+    num_t = 16
+    rows = []
+    for m in ms:
+        tb, ti = bl.get(k, n, m)
+        x = mk.x(m, k)
+        tids = jnp.arange(m, dtype=jnp.int32) % num_t
+        distinct = min(m, num_t)
+        kinds = [("MT quant w4", 4), ("MT quant w2", 2), ("MT sign w1", 1), ("MT lowrank", 0)]
+        if quick:
+            kinds = kinds[:1]
+        for name, bits in kinds:
+            if name.startswith("MT quant"):
+                per = packed_bytes(k, n, bits)
+                ws = [mk.packed(k, n, bits, (num_t,)) for _ in range(copies(per * num_t))]
+
+                def f(x, w, bits=bits, tids=tids):
+                    return quant_matmul_multitenant(
+                        x, tids, w[0], w[1], None, bits=bits, group=GROUP
+                    )
+
+                def fu(x, w, bits=bits, tids=tids):
+                    return quant_matmul_multitenant(
+                        x, tids, w[0], w[1], None, bits=bits, group=GROUP, implementation="xla"
+                    )
+            elif name.startswith("MT sign"):
+                per = k * n / 8
+                ws = [
+                    (mk.words((num_t, k // 32, n)), jnp.full((num_t,), 0.01, jnp.float32))
+                    for _ in range(copies(per * num_t))
+                ]
+
+                def f(x, w, tids=tids):
+                    return sign_matmul_multitenant(x, tids, w[0], w[1])
+
+                def fu(x, w, tids=tids):
+                    return sign_matmul_multitenant(x, tids, w[0], w[1], implementation="xla")
+            else:
+                per = lowrank_bytes(k, n, bands)
+                ws = [
+                    tuple(mk.band(k, n, b, r, (num_t,)) for b, r in bands)
+                    for _ in range(copies(per * num_t))
+                ]
+
+                def f(x, w, tids=tids):
+                    return lowrank_delta_matmul_multitenant(x, tids, w)
+
+                def fu(x, w, tids=tids):
+                    return lowrank_delta_matmul_multitenant(x, tids, w, implementation="xla")
+
+            t = time_layers(f, x, ws)
+            try:
+                tu = time_layers(fu, x, ws[:2])
+            except Exception as e:  # the unfused form materializes T dense weights
+                log(f"unfused baseline for {name} failed: {type(e).__name__}")
+                tu = None
+            del ws
+            roof = (per * distinct + io_bytes(m, k, n)) / bw * 1e6
+            add_row(
+                rows,
+                [
+                    f"{k}×{n} T={num_t}",
+                    m,
+                    name,
+                    t,
+                    100 * roof / t,
+                    tb,
+                    tb / t,
+                    ti,
+                    ti / t,
+                    tu,
+                    speed(tu, t),
+                ],
+            )
+
+    return rows
+
+
+def loop_overhead(mk) -> float:
+    x = mk.x(16, 4096)
+    ws = [jnp.float32(i) for i in range(8)]
+    return time_layers(lambda x, w: (x[:, :1] * w).astype(BF16), x, ws)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def sweep(mk, bw):
+    lines = [
+        "| K×N | M | bits | block_n | split_k | warps | stages | µs/layer | % roofline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    log("\n## Triton tile sweep (quant_matmul, per layer)")
+    log(lines[0])
+    cases = [
+        ((4096, 14336), 16, 4),
+        ((4096, 14336), 16, 2),
+        ((4096, 4096), 16, 4),
+        ((4096, 4096), 16, 1),
+        ((4096, 14336), 64, 4),
+        ((8192, 8192), 16, 4),
+    ]
+    deadline = time.time() + FLAGS.sweep_budget_s
+    for (k, n), m, bits in cases:
+        if time.time() > deadline:
+            log("sweep budget spent; remaining cases skipped")
+            break
+        x = mk.x(m, k)
+        ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
+        roof = (packed_bytes(k, n, bits) + io_bytes(m, k, n)) / bw * 1e6
+        best = None
+        for bn in (64, 128, 256):
+            for split in (1, 2, 4, 8, 16):
+                for warps, stages in ((4, 3), (4, 4), (8, 4)):
+                    cfg = qgpu.TritonConfig(
+                        block_n=bn, split_k=split, num_warps=warps, num_stages=stages
+                    )
+                    tiles = (n // bn) * split
+                    if tiles < 128 or tiles > 4096 or time.time() > deadline:
+                        continue
+
+                    def f(x, w, cfg=cfg, bits=bits):
+                        return qgpu.quant_matmul(
+                            x, w[0], w[1], None, bits=bits, group=GROUP, config=cfg
+                        )
+
+                    try:
+                        t = time_layers(f, x, ws)
+                    except Exception as e:
+                        log(f"config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    line = (
+                        f"| {k}×{n} | {m} | {bits} | {bn} | {split} | {warps} | {stages} | "
+                        f"{t:.1f} | {100 * roof / t:.0f} |"
+                    )
+                    lines.append(line)
+                    if best is None or t < best[0]:
+                        best = (t, line)
+        del ws
+        if best:
+            log("best: " + best[1])
+    return lines
+
+
+# ----------------------------------------------------------------------------- main
+
+
+HEADER = (
+    "| shape K×N | M | kernel | µs/layer | % roofline | XLA bf16 µs | × bf16 | "
+    "XLA int4-pc µs | × int4-pc | XLA unfused µs | × unfused |"
+)
+SEP = "|---|---|---|---|---|---|---|---|---|---|---|"
+
+
+def main(argv):
+    del argv
+    dev = jax.devices()[0]
+    if dev.platform != "gpu" and not FLAGS.smoke:
+        raise SystemExit(f"bench_kernels.py needs a GPU (found {dev.platform}); it times kernels")
+    header = [
+        "# deltajax kernel benchmark",
+        "",
+        f"- date: {datetime.datetime.now().isoformat(' ', 'seconds')}",
+        f"- device: {dev.device_kind} ({jax.device_count()} visible)",
+        f"- jax {jax.__version__}, jaxlib {importlib.metadata.version('jaxlib')}",
+        f"- command: `PYTHONPATH=. python3 {' '.join(sys.argv)}`",
+    ]
+    for line in header:
+        log(line)
+    REPORT["header"] = header
+    write_report()
+    mk = Maker()
+    bw = copy_bandwidth()
+    header.append(f"- measured copy bandwidth (XLA elementwise, read+write): {bw / 1e12:.2f} TB/s")
+    overhead = loop_overhead(mk)
+    header.append(
+        f"- timing-loop overhead per layer (one tiny fused add + launch, included in "
+        f"every µs/layer below): {overhead:.1f} µs"
+    )
+    log(header[-2])
+    log(header[-1])
+    write_report()
+    if FLAGS.ab:
+        try:
+            REPORT["tables"]["ab"] = "## Triton dequant strategy A/B\n\n" + ab_dequant(mk, bw)
+        except Exception:
+            log(traceback.format_exc())
+    if FLAGS.check and not FLAGS.smoke:  # after the A/B, so the checks cover the chosen default
+        header += [f"- {line} (dequant default: {tr.DEFAULT_DEQUANT})" for line in run_checks()]
+    if FLAGS.sweep:
+        try:
+            REPORT["tables"]["sweep"] = "## Triton tile sweep (quant_matmul)\n\n" + "\n".join(
+                sweep(mk, bw)
+            )
+        except Exception:
+            log(traceback.format_exc())
+    write_report()
+    if FLAGS.bench:
+        bl = Baselines(mk)
+        if FLAGS.smoke:
+            shapes, ms, bits_all, bits_m16 = [(256, 128)], [1, 16], [4], [3]
+        elif FLAGS.quick:
+            shapes, ms, bits_all, bits_m16 = [(4096, 4096), (4096, 14336)], [1, 16], [4, 2], []
+        else:
+            shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]
+            ms, bits_all, bits_m16 = [1, 16, 32, 64], [4, 2], [8, 3, 1]
+        small = FLAGS.quick or FLAGS.smoke
+        dim, bands = (256, [(8, 2), (3, 32), (2, 60)]) if FLAGS.smoke else (4096, COME_BANDS)
+        log("\n## Per-layer timings\n")
+        log(HEADER)
+        log(SEP)
+        sections = [
+            ("quant", lambda: quant_rows(mk, bl, bw, shapes, ms, bits_all, bits_m16)),
+            ("sign", lambda: sign_rows(mk, bl, bw, shapes[:2], [16] if small else [1, 16])),
+            (
+                "lowrank",
+                lambda: lowrank_rows(mk, bl, bw, [16] if small else [1, 16, 64], dim, bands),
+            ),
+            (
+                "multitenant",
+                lambda: multitenant_rows(
+                    mk, bl, bw, [16] if small else [16, 64], small, dim, bands
+                ),
+            ),
+        ]
+        for name, fn in sections:
+            try:
+                fn()
+            except Exception:
+                log(f"{name} rows failed:\n{traceback.format_exc()}")
+    write_report()
+    print("\n" + "\n\n".join(REPORT["tables"].values()))
+    if REPORT["rows"]:
+        print("\n".join([HEADER, SEP] + [_row(r) for r in REPORT["rows"]]))
+
+
+if __name__ == "__main__":
+    app.run(main)
