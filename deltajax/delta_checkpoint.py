@@ -25,8 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from deltajax import accounting
-from deltajax.checkpoint import CheckpointError, atomic_dir, config_from_json, config_to_json
-from deltajax.checkpoint import library_version
+from deltajax.checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    config_from_json,
+    config_to_json,
+    library_version,
+)
 from deltajax.delta import DeltaLeaf, flatten
 from deltajax.methods import method_from_config
 

@@ -23,8 +23,8 @@ from absl import app, flags
 from deltajax import data as D
 from deltajax import delta
 from deltajax import eval as E
-from deltajax.pipeline import compress_loaded
 from deltajax.models_io import load_model
+from deltajax.pipeline import compress_loaded
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model.")

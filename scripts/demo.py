@@ -23,11 +23,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from deltajax import data as D
-from deltajax import delta, delta_checkpoint, pipeline
+from deltajax import delta, delta_checkpoint, hf, pipeline
 from deltajax import eval as E
 from deltajax import finetune as F
 from deltajax import generate as G
-from deltajax import hf
 from deltajax.models_io import describe, load_model
 from deltajax.smollm import cache_root
 

@@ -17,10 +17,9 @@ import time
 
 from absl import app, flags
 
+from deltajax import checkpoint, hf
 from deltajax import data as D
-from deltajax import checkpoint
 from deltajax import finetune as F
-from deltajax import hf
 from deltajax.models_io import load_model
 
 FLAGS = flags.FLAGS

@@ -10,7 +10,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from deltajax.methods.base import SCALE_DTYPES, Method, QuantizedMatrix, method_dataclass, quantize_rtn
+from deltajax.methods.base import (
+    SCALE_DTYPES,
+    Method,
+    QuantizedMatrix,
+    method_dataclass,
+    quantize_rtn,
+)
 
 
 @method_dataclass
