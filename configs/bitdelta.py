@@ -1,4 +1,4 @@
-"""BitDelta: sign bits + one scale per matrix (mean|Δ| init; set distill_steps for scale distillation)."""
+"""BitDelta: sign bits + one scale per matrix (mean|Δ| init; distill_steps > 0 distils it)."""
 
 import ml_collections
 

@@ -1,4 +1,4 @@
-"""DARE: drop 90 % of each projection delta at random (mask from a stored seed), rescale the rest."""
+"""DARE: drop 90 % of each projection delta at random (mask from a seed), rescale the rest."""
 
 import ml_collections
 

@@ -142,7 +142,7 @@ def training_sequences(
     tokenizer, path: str | os.PathLike, seq_len: int, *, loss_on_prompt: bool = False,
     max_sequences: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, loss mask) for fine-tuning: GSM8K jsonl -> SFT pairs (train split); text -> windows."""
+    """(tokens, loss mask) for fine-tuning: GSM8K jsonl -> SFT pairs (train); text -> windows."""
     path = Path(path)
     if path.suffix == ".jsonl" and "question" in path.read_text().split("\n", 1)[0]:
         ex = gsm8k_examples(path, "train")[:max_sequences]

@@ -2,7 +2,7 @@
 
     deltas = extract(base, finetuned)                         # fp32 Δ per leaf, checked
     comp = compress_tree(deltas, default_rules(RTN(bits=4)))  # {name: DeltaLeaf}
-    params = attach(base, comp)     # projections become DeltaWeight: base @ x + Δ applied on the fly
+    params = attach(base, comp)     # projections become DeltaWeight (Δ applied on the fly)
     dense = merge(base, comp)       # plain arrays (for HF export)
 
 Names are dotted HF-style paths without the ``model.`` prefix, e.g.

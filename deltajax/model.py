@@ -137,7 +137,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
 
 @flax.struct.dataclass
 class KVCache:
-    """Per-layer key/value buffers of `max_len` slots; `length` slots are filled (same for all rows).
+    """Per-layer key/value buffers of `max_len` slots; `length` of them are filled.
 
     `valid` (batch, max_len) marks slots holding real tokens (False for left padding and for slots
     not yet written), so left-padded batches attend only to their own tokens.

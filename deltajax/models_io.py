@@ -41,7 +41,7 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def load_model(spec: str, *, dtype=None, progress: bool = False):
-    """(params, cfg, tokenizer or None, source dir) for an HF dir, converted checkpoint or 'smollm2'."""
+    """(params, cfg, tokenizer or None, source dir) of an HF dir, checkpoint or 'smollm2'."""
     p = resolve_model_dir(spec)
     if is_converted_checkpoint(p):
         params, cfg = checkpoint.load_params_ckpt(p, dtype=dtype)

@@ -27,7 +27,7 @@ def calibration_tokens(tok, config, n: int | None = None) -> np.ndarray:
 
 
 def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print) -> dict:
-    """Compress the delta of loaded params; returns {'compressed', 'rules', 'deltas', 'report'...}."""
+    """Compress the delta of loaded params; returns a dict of results."""
     config = _cfg_dict(config)
     method = method_from_config(config["method"])
     rules = delta.default_rules(method, keep_other=config.get("keep_other", True))

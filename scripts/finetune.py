@@ -23,7 +23,7 @@ from deltajax import finetune as F
 from deltajax.models_io import load_model
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("base", "smollm2", "Base model: an HF dir, a converted checkpoint, or 'smollm2'.")
+flags.DEFINE_string("base", "smollm2", "Base model: HF dir, converted checkpoint, or 'smollm2'.")
 flags.DEFINE_string("data", None, "Training data: GSM8K-style jsonl or raw text. Default: GSM8K.")
 flags.DEFINE_string("out", None, "Output HF directory for the fine-tuned model.", required=True)
 flags.DEFINE_integer("steps", 100, "Optimizer steps.")

@@ -197,7 +197,7 @@ def test_accounting_is_exact_and_rules_drop_or_keep():
     assert "linear-layer ratio" in accounting.format_table(acc)
 
 
-def test_delta_checkpoint_refuses_wrong_base_and_save_is_atomic(tmp_path):
+def test_delta_checkpoint_refuses_wrong_base_and_save_is_atomic(tmp_path, monkeypatch):
     cfg, base, ft = _tiny()
     comp = delta.compress_tree(delta.extract(base, ft), delta.default_rules(RTN(bits=4)),
                                progress=False)
@@ -213,11 +213,14 @@ def test_delta_checkpoint_refuses_wrong_base_and_save_is_atomic(tmp_path):
     class Boom(RuntimeError):
         pass
 
-    bad = dict(comp)
-    bad["x"] = delta.DeltaLeaf(container=object(), method=RTN(), shape=(1, 1))
+    def interrupted(self, *a, **k):  # the save dies after the arrays are written
+        raise Boom("interrupted")
+
     before = sorted(os.listdir(out))
-    with pytest.raises(Exception):
-        delta_checkpoint.save_delta(bad, out, cfg=cfg, base_params=base, overwrite=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(delta_checkpoint.Path, "write_text", interrupted)
+        with pytest.raises(Boom):
+            delta_checkpoint.save_delta(comp, out, cfg=cfg, base_params=base, overwrite=True)
     assert sorted(os.listdir(out)) == before  # the previous checkpoint is intact
     assert [p for p in os.listdir(tmp_path) if p != "delta"] == []  # no temp dirs left
     with pytest.raises(delta.DeltaError, match="unknown leaf"):

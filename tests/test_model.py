@@ -22,11 +22,11 @@ def test_cached_decode_equals_full_forward(kv_heads, window):
     full, _ = M.forward(p, tok, cfg)
     cache = M.KVCache.create(cfg, 3, 16, jnp.float32)
     outs = []
-    l, cache = M.forward(p, tok[:, :7], cfg, cache=cache)
-    outs.append(l)
+    lg, cache = M.forward(p, tok[:, :7], cfg, cache=cache)
+    outs.append(lg)
     for i in range(7, 11):  # one token at a time, as decode does
-        l, cache = M.forward(p, tok[:, i:i + 1], cfg, cache=cache)
-        outs.append(l)
+        lg, cache = M.forward(p, tok[:, i:i + 1], cfg, cache=cache)
+        outs.append(lg)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=2e-5)
     assert int(cache.length) == 11
 

@@ -27,7 +27,7 @@ SCALE_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp
 
 
 def method_dataclass(cls):
-    """Decorator: frozen, keyword-only, hashable dataclass (static jit argument, config-friendly)."""
+    """Decorator: frozen, keyword-only, hashable dataclass (a static jit argument)."""
     return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
 

@@ -1,4 +1,6 @@
-"""DARE: drop a fraction p of the delta at random and rescale the rest by 1/(1-p) (arXiv 2311.03099).
+"""DARE: drop a fraction p of the delta at random and rescale the rest by 1/(1-p).
+
+arXiv 2311.03099.
 
 Follows yule-BUAA/MergeLM (`mask_weights_utils.py`, random mask, rescale). Storage: the mask is
 **regenerated from a stored PRNG key** (8 bytes per matrix) and only the kept values are stored,
