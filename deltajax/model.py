@@ -177,8 +177,13 @@ def _attn_mask(cfg, q_slots, k_slots, k_valid):
 def decoder_layer(
     cfg: ModelConfig, p: dict, h: jax.Array, positions: jax.Array, mask: jax.Array,
     kv: tuple[jax.Array, jax.Array] | None = None, write_at: jax.Array | None = None,
+    taps: dict | None = None,
 ):
     """One decoder layer. With `kv`, new keys/values are written into it at slot `write_at`.
+
+    With `taps` (a dict), the inputs of the linears are recorded into it under the names of the
+    sub-blocks that share them: "qkv" (input of q/k/v_proj), "o", "gate_up", "down" (calibration
+    capture; the values are traced arrays when called under jit).
 
     Returns (h, (k_all, v_all)): the layer output and the keys/values attended to.
     """
@@ -186,6 +191,8 @@ def decoder_layer(
     hd = cfg.head_dim
     x = ops.rms_norm(h, p["input_layernorm"]["weight"], cfg.rms_norm_eps)
     a = p["self_attn"]
+    if taps is not None:
+        taps["qkv"] = x
     q = _proj(x, a["q_proj"]).reshape(b, t, cfg.num_attention_heads, hd)
     k = _proj(x, a["k_proj"]).reshape(b, t, cfg.num_key_value_heads, hd)
     v = _proj(x, a["v_proj"]).reshape(b, t, cfg.num_key_value_heads, hd)
@@ -196,11 +203,15 @@ def decoder_layer(
         k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_at, 0, 0))
         v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_at, 0, 0))
     o = ops.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    h = h + _proj(o.reshape(b, t, -1), a["o_proj"])
+    o = o.reshape(b, t, -1)
+    h = h + _proj(o, a["o_proj"])
     x = ops.rms_norm(h, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
     m = p["mlp"]
     g = jax.nn.silu(_proj(x, m["gate_proj"]).astype(jnp.float32)).astype(x.dtype)
-    h = h + _proj(g * _proj(x, m["up_proj"]), m["down_proj"])
+    d = g * _proj(x, m["up_proj"])
+    if taps is not None:
+        taps.update(o=o, gate_up=x, down=d)
+    h = h + _proj(d, m["down_proj"])
     return h, (k, v)
 
 
