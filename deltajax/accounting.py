@@ -25,6 +25,7 @@ PARTS = {
     "scale": "scales", "scales": "scales", "zero": "zeros", "zeros": "zeros",
     "s": "singular values", "u": "factors", "v": "factors",
     "values": "values", "key": "mask seeds", "mask": "masks", "g_idx": "g_idx",
+    "perm": "act-order permutations",
 }
 
 

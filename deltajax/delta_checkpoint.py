@@ -80,8 +80,9 @@ def save_delta(
     arrays = {}
     for i, (name, leaf) in enumerate(compressed.items()):
         k = f"l{i:05d}_{_key(name)}"
-        leaves[name] = {"key": k, "method": leaf.method.to_config(), "shape": list(leaf.shape)}
         arrays[k] = _container_arrays(leaf)
+        leaves[name] = {"key": k, "method": leaf.method.to_config(), "shape": list(leaf.shape),
+                        "arrays": sorted(arrays[k])}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -116,6 +117,34 @@ def read_delta_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _abstract_container(m, shape, saved_keys):
+    """Container structure of method `m` for a delta of `shape` (eval_shape of compress).
+
+    Calibrated methods may store more arrays than their data-free mode (e.g. act-order
+    permutations): the structure whose array names match the saved ones is used.
+    """
+    d = jax.ShapeDtypeStruct(shape, jnp.float32)
+    cands = [jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)), d)]
+    if m.needs_stats:
+        from deltajax.calibrate import LinearStats
+
+        k = shape[-1]
+        st = LinearStats(hessian=jax.ShapeDtypeStruct((k, k), jnp.float32),
+                         mean=jax.ShapeDtypeStruct((k,), jnp.float32),
+                         sq=jax.ShapeDtypeStruct((k,), jnp.float32),
+                         count=jax.ShapeDtypeStruct((), jnp.float32))
+        cands.append(jax.eval_shape(
+            lambda d, st: m.compress(d, key=jax.random.PRNGKey(0), stats=st), d, st))
+    if saved_keys is None:
+        return cands[0]
+    for c in cands:
+        keys = sorted(_key(jax.tree_util.keystr(kp))
+                      for kp, _ in jax.tree_util.tree_flatten_with_path(c)[0])
+        if keys == sorted(saved_keys):
+            return c
+    return cands[-1]
+
+
 def load_delta(path: str | os.PathLike, *, base_params=None, cfg=None,
                check_base: bool = True) -> tuple[dict[str, DeltaLeaf], dict]:
     """Load `{name: DeltaLeaf}` and the meta dict; verify it belongs to `base_params`/`cfg`."""
@@ -136,8 +165,7 @@ def load_delta(path: str | os.PathLike, *, base_params=None, cfg=None,
     for name, info in meta["leaves"].items():
         m = method_from_config(info["method"])
         shape = tuple(info["shape"])
-        c = jax.eval_shape(lambda d, m=m: m.compress(d, key=jax.random.PRNGKey(0)),
-                           jax.ShapeDtypeStruct(shape, jnp.float32))
+        c = _abstract_container(m, shape, info.get("arrays"))
         abstract[name] = (m, shape, c)
         leaves = jax.tree_util.tree_flatten_with_path(c)[0]
         targets[info["key"]] = {_key(jax.tree_util.keystr(kp)): jax.ShapeDtypeStruct(x.shape,

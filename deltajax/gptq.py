@@ -165,6 +165,7 @@ def gptq_quantize(
     blk = max(block, g) if group_axis == "cols" else block
     if group_axis == "cols" and blk % g:
         blk = g * -(-blk // g)
+    blk = min(blk, 8 * -(-k_store // 8))  # small matrices: one short block (k_store % g == 0)
     kp = blk * -(-k_store // blk)
     n_pad = packing.padded_k(n, g) if group_axis == "rows" else n
     wp = jnp.zeros((n_pad, kp), jnp.float32).at[:n, :k].set(w)
@@ -225,6 +226,8 @@ def gptq_quantize(
 
     cols = jnp.arange(kp)
 
+    gpb = blk // g if group_axis == "cols" else 0  # groups per block
+
     def block_body(bi, carry):
         wq, qs, ss, zs, s_cur, z_cur = carry
         i1 = bi * blk
@@ -232,9 +235,15 @@ def gptq_quantize(
         u1 = jax.lax.dynamic_slice(u, (i1, i1), (blk, blk))
         m1 = None if mp is None else jax.lax.dynamic_slice(mp, (0, i1), (n_pad, blk))
         w1_start = w1
+        # block-local outputs only (loop-carried arrays stay small; written back once per block)
+        if group_axis == "rows":
+            s1 = jnp.ones((ng, blk), jnp.float32)
+        else:
+            s1 = jnp.ones((n_pad, gpb), jnp.float32)
+        z1 = jnp.zeros_like(s1)
 
         def col_body(j, c):
-            w1, err1, qs, ss, zs, s_cur, z_cur = c
+            w1, err1, q1, s1, z1, s_cur, z_cur = c
             jg = i1 + j
             w_col = jax.lax.dynamic_index_in_dim(w1, j, axis=1, keepdims=False)
             q, dq, zq, s_cur, z_cur = quant_column(w_col, jg, w1_start, j, s_cur, z_cur)
@@ -246,19 +255,20 @@ def gptq_quantize(
             err = (w_col - dq) / d
             w1 = w1 - err[:, None] * u1[j][None, :]
             err1 = jax.lax.dynamic_update_index_in_dim(err1, err, j, axis=1)
-            qs = jax.lax.dynamic_update_index_in_dim(qs, q.astype(jnp.int32), jg, axis=1)
-            if group_axis == "rows":
-                ss = jax.lax.dynamic_update_index_in_dim(ss, s_cur, jg, axis=1)
-                zs = jax.lax.dynamic_update_index_in_dim(zs, z_cur, jg, axis=1)
-            else:
-                gi = jg // g
-                ss = jax.lax.dynamic_update_index_in_dim(ss, s_cur, gi, axis=1)
-                zs = jax.lax.dynamic_update_index_in_dim(zs, z_cur, gi, axis=1)
-            return w1, err1, qs, ss, zs, s_cur, z_cur
+            q1 = jax.lax.dynamic_update_index_in_dim(q1, q.astype(jnp.int32), j, axis=1)
+            gi = j if group_axis == "rows" else j // g
+            s1 = jax.lax.dynamic_update_index_in_dim(s1, s_cur, gi, axis=1)
+            z1 = jax.lax.dynamic_update_index_in_dim(z1, z_cur, gi, axis=1)
+            return w1, err1, q1, s1, z1, s_cur, z_cur
 
         err1 = jnp.zeros((n_pad, blk), jnp.float32)
-        w1, err1, qs, ss, zs, s_cur, z_cur = jax.lax.fori_loop(
-            0, blk, col_body, (w1, err1, qs, ss, zs, s_cur, z_cur))
+        q1 = jnp.zeros((n_pad, blk), jnp.int32)
+        w1, err1, q1, s1, z1, s_cur, z_cur = jax.lax.fori_loop(
+            0, blk, col_body, (w1, err1, q1, s1, z1, s_cur, z_cur))
+        qs = jax.lax.dynamic_update_slice(qs, q1, (0, i1))
+        gofs = i1 if group_axis == "rows" else bi * gpb
+        ss = jax.lax.dynamic_update_slice(ss, s1, (0, gofs))
+        zs = jax.lax.dynamic_update_slice(zs, z1, (0, gofs))
         urows = jax.lax.dynamic_slice(u, (i1, 0), (blk, kp))
         urows = jnp.where(cols[None, :] >= i1 + blk, urows, 0.0)
         wq = wq - jnp.matmul(err1, urows, precision=_HI)
@@ -266,17 +276,13 @@ def gptq_quantize(
 
     if group_axis == "rows":
         ss0 = jnp.ones((ng, kp), jnp.float32)
-        zs0 = jnp.zeros((ng, kp), jnp.float32)
         s0 = jnp.ones((ng,), jnp.float32)
-        z0 = jnp.zeros((ng,), jnp.float32)
     else:
         ss0 = jnp.ones((n_pad, ng), jnp.float32)
-        zs0 = jnp.zeros((n_pad, ng), jnp.float32)
         s0 = jnp.ones((n_pad,), jnp.float32)
-        z0 = jnp.zeros((n_pad,), jnp.float32)
     qs0 = jnp.zeros((n_pad, kp), jnp.int32)
-    _, qs, ss, zs, _, _ = jax.lax.fori_loop(0, kp // blk, block_body,
-                                           (wp, qs0, ss0, zs0, s0, z0))
+    _, qs, ss, zs, _, _ = jax.lax.fori_loop(
+        0, kp // blk, block_body, (wp, qs0, ss0, jnp.zeros_like(ss0), s0, jnp.zeros_like(s0)))
 
     if group_axis == "rows":
         q = jnp.zeros((n_pad, kp), jnp.int32).at[:, perm].set(qs)[:, :k]

@@ -23,6 +23,8 @@ CASES = {
     "lowrank": (dict(rank=48), 0.8),
     "bitdelta": (dict(), 0.62),
     "dare": (dict(p=0.5), 1.05),
+    "gptq": (dict(bits=4, group=32), 0.12),
+    "deltacome": (dict(ratio=0.5, bands=((8, 16),), fill_bits=4), 0.75),
 }
 
 
@@ -127,7 +129,7 @@ def _tiny():
     return cfg, base, ft
 
 
-@pytest.mark.parametrize("name", ["rtn", "lowrank", "bitdelta", "dare"])
+@pytest.mark.parametrize("name", ["rtn", "lowrank", "bitdelta", "dare", "deltacome"])
 def test_attached_logits_equal_merged_logits(name):
     cfg, base, ft = _tiny()
     d = delta.extract(base, ft)

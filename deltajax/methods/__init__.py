@@ -5,6 +5,8 @@ from __future__ import annotations
 from deltajax.methods.base import Method, QuantizedMatrix, quantize_rtn
 from deltajax.methods.bitdelta import BitDelta
 from deltajax.methods.dare import DARE
+from deltajax.methods.deltacome import DeltaCoMe
+from deltajax.methods.gptq import GPTQ
 from deltajax.methods.keep import Keep
 from deltajax.methods.lowrank import LowRank
 from deltajax.methods.rtn import RTN
@@ -19,7 +21,7 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-for _cls in (Keep, RTN, LowRank, BitDelta, DARE):
+for _cls in (Keep, RTN, LowRank, BitDelta, DARE, GPTQ, DeltaCoMe):
     register(_cls)
 
 
@@ -40,4 +42,5 @@ def method_from_config(cfg: dict) -> Method:
 
 
 __all__ = ["REGISTRY", "Method", "QuantizedMatrix", "make_method", "method_from_config",
-           "quantize_rtn", "register", "Keep", "RTN", "LowRank", "BitDelta", "DARE"]
+           "quantize_rtn", "register", "Keep", "RTN", "LowRank", "BitDelta", "DARE", "GPTQ",
+           "DeltaCoMe"]

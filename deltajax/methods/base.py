@@ -64,6 +64,8 @@ class QuantizedMatrix:
 
     planes: uint32 words `(k_pad * b_i / 32, n)` per bit plane; scale `(k_pad / group, n)`;
     zero: same shape (asymmetric) or None (symmetric `s * (2q - (2^b - 1))`).
+    perm: optional `(k_pad,)` int16/int32 column order of the packing (GPTQ act-order with g_idx:
+    groups are contiguous in the permuted order); stored column c is original column perm[c].
     """
 
     planes: tuple
@@ -73,6 +75,7 @@ class QuantizedMatrix:
     group: int = flax.struct.field(pytree_node=False)
     n: int = flax.struct.field(pytree_node=False)
     k: int = flax.struct.field(pytree_node=False)
+    perm: jax.Array | None = None
 
     @property
     def k_pad(self) -> int:
@@ -82,10 +85,15 @@ class QuantizedMatrix:
         """Dense `(n, k)` matrix."""
         wt = packing.dequantize(self.planes, self.scale, self.zero, bits=self.bits,
                                 group=self.group, dtype=dtype)
+        if self.perm is not None:
+            wt = jnp.zeros_like(wt).at[self.perm.astype(jnp.int32)].set(wt)
         return wt[: self.k].T
 
     def matmul(self, x: jax.Array, *, implementation: str = "auto") -> jax.Array:
         """`x @ dequantize().T` through the quant_matmul kernel dispatcher."""
+        if self.perm is not None:
+            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.k_pad - x.shape[-1])])
+            x = jnp.take(x, self.perm.astype(jnp.int32), axis=-1)
         return _quant_matmul_op(x, self.planes, self.scale, self.zero, bits=self.bits,
                                 group=self.group, implementation=implementation)
 
@@ -133,13 +141,19 @@ def dequant_codes(q: jax.Array, s: jax.Array, z: jax.Array, bits: int, sym: bool
 
 def pack_quantized(
     q: jax.Array, s: jax.Array, z: jax.Array | None, *, bits: int, group: int, n: int, k: int,
-    scale_dtype,
+    scale_dtype, perm: jax.Array | None = None,
 ) -> QuantizedMatrix:
-    """Pack codes `q` (n, k_pad) with per-group s, z (n, k_pad/group) into a QuantizedMatrix."""
+    """Pack codes `q` (n, k_pad) with per-group s, z (n, k_pad/group) into a QuantizedMatrix.
+
+    `perm` (act-order storage): int16 when the padded width allows, else int32.
+    """
     planes = packing.pack_codes(q.T.astype(jnp.uint32), bits)
     scale = s.T.astype(scale_dtype)
     zero = None if z is None else z.T.astype(scale_dtype)
-    return QuantizedMatrix(planes=planes, scale=scale, zero=zero, bits=bits, group=group, n=n, k=k)
+    if perm is not None:
+        perm = perm.astype(jnp.int16 if q.shape[1] <= 32767 else jnp.int32)
+    return QuantizedMatrix(planes=planes, scale=scale, zero=zero, bits=bits, group=group, n=n, k=k,
+                           perm=perm)
 
 
 def quantize_rtn(

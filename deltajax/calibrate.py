@@ -1,0 +1,296 @@
+"""Calibration: layer-wise capture of linear inputs, Hessians / statistics, sequential compression.
+
+    toks = calibration_windows(tok, "gsm8k_train.jsonl", num_windows=128, seq_len=2048)
+    comp = sequential_compress(base, ft, cfg, toks, rules)      # {name: DeltaLeaf}
+
+One decoder layer at a time: the hidden states of all windows enter the layer, the inputs of its
+linears are captured batch by batch (memory: one layer's activations for one batch) and reduced
+in fp32 into `LinearStats` — the GPTQ Hessian H = 2/n·XᵀX plus the per-channel mean and mean
+square (variance, Wanda's ‖X_j‖₂) that DSnoT / DeltaDQ need. With ``true_sequential`` (default)
+the sub-blocks [q,k,v] → [o] → [gate,up] → [down] are calibrated in order, each on inputs
+recomputed with the already compressed sub-blocks; after the layer is done its outputs are
+recomputed with the compressed layer and become the next layer's inputs (GPTQ's sequential mode).
+
+Weights used in the calibration forward: compressed projections are `base + decompress(delta)`,
+projections not yet compressed are the fine-tune's, other leaves (norms, embeddings) are what the
+compressed checkpoint will hold (`base + kept delta`, or the base when the rule drops them).
+Everything under jit with fixed shapes (one compile per layer shape and tap), so it runs the same
+on CPU, GPU or TPU; nothing is pulled to the host inside the loops.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from deltajax import data
+from deltajax import model as M
+from deltajax.delta import DeltaLeaf, compress_leaf, flatten, rule_for
+
+_HI = jax.lax.Precision.HIGHEST
+
+# (tap name, projections reading that input), in true-sequential order
+SUBBLOCKS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("o", ("self_attn.o_proj",)),
+    ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+    ("down", ("mlp.down_proj",)),
+)
+
+
+@flax.struct.dataclass
+class LinearStats:
+    """Statistics of one linear's inputs X (n tokens × k channels), reduced in fp32.
+
+    hessian: (k, k) H = 2/n·XᵀX (GPTQ's); mean: (k,) E[x]; sq: (k,) E[x²]; count: () n.
+    """
+
+    hessian: jax.Array
+    mean: jax.Array
+    sq: jax.Array
+    count: jax.Array
+
+    @property
+    def var(self) -> jax.Array:
+        return jnp.maximum(self.sq - self.mean**2, 0.0)
+
+    @property
+    def norm(self) -> jax.Array:
+        """‖X_j‖₂ per input channel (Wanda's activation norm)."""
+        return jnp.sqrt(self.sq * self.count)
+
+
+def _zero_sums(k: int):
+    z = jnp.zeros((k,), jnp.float32)
+    return (jnp.zeros((k, k), jnp.float32), z, z, jnp.zeros((), jnp.float32))
+
+
+def _add_sums(sums, x, tmask):
+    """Add a batch of inputs x (b, t, k) with token mask (b, t) to raw sums."""
+    xtx, s1, s2, n = sums
+    xf = x.astype(jnp.float32).reshape(-1, x.shape[-1])
+    m = tmask.reshape(-1, 1).astype(jnp.float32)
+    xf = xf * m
+    return (xtx + jnp.matmul(xf.T, xf, precision=_HI), s1 + xf.sum(0), s2 + (xf * xf).sum(0),
+            n + m.sum())
+
+
+def finalize(sums) -> LinearStats:
+    xtx, s1, s2, n = sums
+    nn = jnp.maximum(n, 1.0)
+    return LinearStats(hessian=2.0 / nn * xtx, mean=s1 / nn, sq=s2 / nn, count=n)
+
+
+def linear_stats(x: jax.Array, token_mask: jax.Array | None = None) -> LinearStats:
+    """Statistics of one array of inputs (..., k) (tests, small problems)."""
+    x3 = x.reshape(1, -1, x.shape[-1])
+    m = jnp.ones(x3.shape[:2], bool) if token_mask is None else token_mask.reshape(1, -1)
+    return finalize(_add_sums(_zero_sums(x.shape[-1]), x3, m))
+
+
+# ------------------------------------------------------------------------------ calibration data
+
+
+def calibration_windows(tok, path=None, *, num_windows: int = 64, seq_len: int = 256,
+                        split: str = "train") -> np.ndarray:
+    """`num_windows` windows of `seq_len` tokens of a text file (jsonl or raw), int32 (n, L).
+
+    GSM8K-style jsonl files use the `split` rule of `deltajax.data` (the held-out problems are
+    never used for calibration). Default file: the GSM8K training split.
+    """
+    path = path or data.default_file("gsm8k_train")
+    return data.token_windows(tok, data.read_texts(path, split=split), seq_len, num_windows)
+
+
+# ------------------------------------------------------------------------------- layer forwards
+
+
+def _masks(cfg, b, t, token_mask):
+    positions = jnp.maximum(jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    amask = M._attn_mask(cfg, jnp.arange(t), jnp.arange(t), token_mask)
+    return positions, amask
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tap"))
+def _tap_sums(cfg, lp, h, token_mask, sums, tap):
+    positions, amask = _masks(cfg, *h.shape[:2], token_mask)
+    taps: dict = {}
+    M.decoder_layer(cfg, lp, h, positions, amask, taps=taps)
+    return _add_sums(sums, taps[tap], token_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tap_list"))
+def _all_tap_sums(cfg, lp, h, token_mask, sums, tap_list):
+    positions, amask = _masks(cfg, *h.shape[:2], token_mask)
+    taps: dict = {}
+    M.decoder_layer(cfg, lp, h, positions, amask, taps=taps)
+    return tuple(_add_sums(s, taps[t], token_mask) for s, t in zip(sums, tap_list))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _layer_out(cfg, lp, h, token_mask):
+    positions, amask = _masks(cfg, *h.shape[:2], token_mask)
+    return M.decoder_layer(cfg, lp, h, positions, amask)[0]
+
+
+def _batches(n: int, batch_size: int):
+    for s in range(0, n, batch_size):
+        yield slice(s, min(s + batch_size, n))
+
+
+def capture_layer_stats(cfg, lp, hidden, token_mask, *, taps: Sequence[str],
+                        batch_size: int = 8) -> dict[str, LinearStats]:
+    """{tap: LinearStats} of layer `lp`'s linear inputs over all windows of `hidden` (N, L, D)."""
+    n = hidden.shape[0]
+    dims = {"qkv": cfg.hidden_size, "o": cfg.num_attention_heads * cfg.head_dim,
+            "gate_up": cfg.hidden_size, "down": cfg.intermediate_size}
+    sums = tuple(_zero_sums(dims[t]) for t in taps)
+    for sl in _batches(n, batch_size):
+        sums = _all_tap_sums(cfg, lp, hidden[sl], token_mask[sl], sums, tuple(taps))
+    return {t: finalize(s) for t, s in zip(taps, sums)}
+
+
+def layer_forward(cfg, lp, hidden, token_mask, *, batch_size: int = 8) -> jax.Array:
+    return jnp.concatenate([_layer_out(cfg, lp, hidden[sl], token_mask[sl])
+                            for sl in _batches(hidden.shape[0], batch_size)])
+
+
+# --------------------------------------------------------------------------- sequential compress
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        tree = tree[p]
+    tree[parts[-1]] = value
+
+
+def _get(tree: dict, dotted: str):
+    for p in dotted.split("."):
+        tree = tree[p]
+    return tree
+
+
+def _copy_layer(lp):
+    return jax.tree.map(lambda x: x, lp)
+
+
+def _dense(base_w, leaf: DeltaLeaf):
+    return (base_w.astype(jnp.float32) + leaf.decompress()).astype(base_w.dtype)
+
+
+def sequential_compress(
+    base: Mapping,
+    finetuned: Mapping,
+    cfg: M.ModelConfig,
+    tokens: np.ndarray | jax.Array,
+    rules: Iterable,
+    *,
+    token_mask: np.ndarray | jax.Array | None = None,
+    key: jax.Array | None = None,
+    batch_size: int = 8,
+    true_sequential: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    on_stats: Callable[[str, LinearStats], None] | None = None,
+) -> dict[str, DeltaLeaf]:
+    """Compress the delta finetuned − base leaf by leaf, calibrating methods that need statistics.
+
+    Args:
+      base, finetuned: params trees of the same config (checked by the caller, e.g. `extract`).
+      tokens: (N, L) int calibration windows; token_mask (N, L) marks real tokens (default all).
+      rules: `deltajax.delta.Rule`s; methods with `needs_stats` get `stats=LinearStats` of their
+        input, the others are compressed data-free up front.
+      key: PRNG key (per-leaf keys are folded from the name, as in `compress_tree`).
+      batch_size: windows per forward (memory: one layer's activations for this many windows).
+      true_sequential: calibrate [q,k,v] → [o] → [gate,up] → [down] in order on inputs recomputed
+        with the compressed sub-blocks (else one capture per layer).
+      on_stats: optional callback(name_prefix, stats) e.g. to keep statistics for analysis.
+
+    Returns {name: DeltaLeaf} for every leaf whose rule compresses it (like `compress_tree`).
+    """
+    rules = list(rules)
+    key = jax.random.PRNGKey(0) if key is None else key
+    log = log or (lambda s: None)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    tmask = (jnp.ones(tokens.shape, bool) if token_mask is None
+             else jnp.asarray(token_mask, bool))
+    fb, ff = flatten(base), flatten(finetuned)
+    out: dict[str, DeltaLeaf] = {}
+
+    def delta_of(name):
+        return ff[name].astype(jnp.float32) - fb[name].astype(jnp.float32)
+
+    # 1) data-free leaves first (everything whose method does not need statistics)
+    calibrated = []
+    for name in fb:
+        r = rule_for(name, rules)
+        if r is None or r.method is None:
+            continue
+        if r.method.needs_stats:
+            calibrated.append(name)
+        else:
+            out[name] = compress_leaf(r.method, name, delta_of(name), key=key)
+    log(f"[calibrate] {len(out)} leaves data-free, {len(calibrated)} calibrated")
+
+    # the model the calibration runs: compressed where known, fine-tune elsewhere
+    def current(name):
+        if name in out:
+            return _dense(fb[name], out[name])
+        # not yet compressed: the fine-tune; never compressed (no rule): the base, as in `merge`
+        return ff[name] if name in cal_set else fb[name]
+
+    cal_set = set(calibrated)
+    cur_top = jax.tree.map(lambda x: x, {k: v for k, v in finetuned.items() if k != "layers"})
+    for name in fb:
+        if not name.startswith("layers."):
+            _set(cur_top, name, current(name))
+    hidden = M.embed(cur_top, tokens)
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.num_hidden_layers), desc="calibrate+compress", unit="layer",
+               disable=not progress)
+    for i in bar:
+        prefix = f"layers.{i}."
+        lp = _copy_layer(finetuned["layers"][i])
+        for name in fb:
+            if name.startswith(prefix):
+                _set(lp, name[len(prefix):], current(name))
+        groups = [(tap, [p for p in projs if f"{prefix}{p}.weight" in cal_set])
+                  for tap, projs in SUBBLOCKS]
+        groups = [(t, ps) for t, ps in groups if ps]
+        if true_sequential:
+            for tap, projs in groups:
+                st = capture_layer_stats(cfg, lp, hidden, tmask, taps=(tap,),
+                                         batch_size=batch_size)[tap]
+                _compress_group(lp, prefix, projs, st, rules, delta_of, fb, out, key, on_stats)
+        elif groups:
+            stats = capture_layer_stats(cfg, lp, hidden, tmask, taps=[t for t, _ in groups],
+                                        batch_size=batch_size)
+            for tap, projs in groups:
+                _compress_group(lp, prefix, projs, stats[tap], rules, delta_of, fb, out, key,
+                                on_stats)
+        hidden = layer_forward(cfg, lp, hidden, tmask, batch_size=batch_size)
+        if progress:
+            bar.set_postfix(s=f"{time.perf_counter() - t0:.0f}")
+    leftovers = [n for n in calibrated if n not in out]
+    if leftovers:
+        raise ValueError("calibrated rules matched leaves outside the decoder projections (no "
+                         f"calibration input is captured for them): {leftovers[:4]}")
+    return {n: out[n] for n in fb if n in out}
+
+
+def _compress_group(lp, prefix, projs, st, rules, delta_of, fb, out, key, on_stats):
+    if on_stats is not None:
+        on_stats(prefix + "+".join(p.split(".")[-1] for p in projs), st)
+    for p in projs:
+        name = f"{prefix}{p}.weight"
+        r = rule_for(name, rules)
+        out[name] = compress_leaf(r.method, name, delta_of(name), key=key, stats=st)
+        _set(lp, f"{p}.weight", _dense(fb[name], out[name]))
