@@ -248,7 +248,11 @@ def generate_tokens(
     if mask.shape != tokens.shape:
         raise ValueError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
     key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-    stops = jnp.asarray(sorted({int(s) for s in stop_ids}), jnp.int32).reshape(-1)
+    stops = sorted({int(s) for s in stop_ids})
+    if any(s < 0 for s in stops):
+        raise ValueError(f"stop ids must be >= 0, got {stops}")
+    # padded with -1 (never emitted) to a multiple of 8: fewer distinct compiles
+    stops = jnp.asarray(stops + [-1] * (-len(stops) % 8 or (0 if stops else 8)), jnp.int32)
     pad = jnp.asarray(pad_id, jnp.int32)
 
     t0 = time.perf_counter()
