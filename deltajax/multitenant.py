@@ -13,12 +13,13 @@ with the ids repeated over the sequence axis (x is (batch, seq, in) in the model
 matmul dispatches on the container type:
 
 * `SignDelta` (BitDelta) -> `pallas_kernels.sign_matmul.sign_matmul_multitenant`;
-* `QuantizedMatrix` (RTN, any method storing the shared packed format) ->
-  `pallas_kernels.quant_matmul.quant_matmul_multitenant`;
-* anything else (LowRank, DARE, Keep, future methods) -> a generic fallback: every tenant's
-  `method.matmul(x, container_t)` via `jax.vmap` over the stacked containers, then a per-row
-  select. It does T times the delta work (and holds T delta outputs) for every row; register a
-  dedicated multi-tenant kernel in `FAST_PATHS` to avoid it.
+* `QuantizedMatrix` (RTN, GPTQ, any method storing the shared packed format) ->
+  `pallas_kernels.quant_matmul.quant_matmul_multitenant` (with an act-order `perm`, each row first
+  gathers its activations in its own tenant's column order);
+* anything else (LowRank, DARE, Keep, Delta-CoMe, future methods) -> a generic fallback: every
+  tenant's `method.matmul(x, container_t)` via `jax.vmap` over the stacked containers, then a
+  per-row select. It does T times the delta work (and holds T delta outputs) for every row;
+  register a dedicated multi-tenant kernel in `FAST_PATHS` to avoid it.
 
 All T deltas must cover the same leaves with the same method, shapes and container layout
 (`TenantError` lists every mismatch). The tenant of a row is fixed for a whole `generate` call
@@ -94,6 +95,12 @@ def _sign_path(method, x, ids, c: SignDelta, y_base, implementation, interpret):
 
 def _quant_path(method, x, ids, c: QuantizedMatrix, y_base, implementation, interpret):
     del method
+    perm = getattr(c, "perm", None)
+    if perm is not None:  # act-order packing: each row gathers its own tenant's column order
+        k_pad = c.scale.shape[-2] * c.group
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, k_pad - x.shape[-1])])
+        rows_perm = perm.astype(jnp.int32)[jnp.clip(ids, 0, perm.shape[0] - 1)]
+        x = jnp.take_along_axis(x, rows_perm, axis=-1)
     return quant_matmul_multitenant(x, ids, tuple(c.planes), c.scale, c.zero, bits=c.bits,
                                     group=c.group, y_base=y_base, implementation=implementation,
                                     interpret=interpret)

@@ -190,3 +190,24 @@ def test_keep_method_on_projection_uses_generic_path(pair):
     want = _alone(base, comps, [1, 0, -1], tok, mask, CFG)
     np.testing.assert_allclose(got[np.asarray(mask)], want[np.asarray(mask)], atol=2e-4,
                                rtol=1e-4)
+
+
+def test_quantized_matrix_with_act_order_perm():
+    """QuantizedMatrix with a column permutation (GPTQ act-order): rows gather their own order."""
+    from deltajax.methods import quantize_rtn
+
+    rng = np.random.default_rng(0)
+    n, k, t = 48, 80, 3
+    x = jnp.asarray(rng.standard_normal((2, 4, k)), jnp.float32)
+    w_base = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    cs = []
+    for _ in range(t):
+        c = quantize_rtn(jnp.asarray(rng.standard_normal((n, k)), jnp.float32), bits=4, group=32)
+        cs.append(c.replace(perm=jnp.asarray(rng.permutation(c.k_pad), jnp.int32)))
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *cs)
+    mtw = MultiTenantWeight(base=w_base, deltas=stacked, tenant_ids=jnp.asarray([2, 0]),
+                            method=RTN(bits=4, group=32), num_tenants=t)
+    got = np.asarray(mtw.apply(x))
+    for r, tid in enumerate([2, 0]):
+        want = x[r] @ (w_base + cs[tid].dequantize()).T
+        np.testing.assert_allclose(got[r], np.asarray(want), atol=1e-4, rtol=1e-4)
