@@ -135,7 +135,7 @@ def main(argv):
             params = multitenant.attach(base, deltas, other=FLAGS.other,
                                         implementation=FLAGS.implementation)
         except multitenant.TenantError as e:
-            raise SystemExit(f"error: {e}") from None
+            raise SystemExit(f"error: {e}\n(flags: --other=base or --other=per_row)") from None
         tids = ids
 
     chat = G.has_chat_template(tok) if FLAGS.chat is None else FLAGS.chat
