@@ -247,7 +247,7 @@ def generate_tokens(
     mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
     if mask.shape != tokens.shape:
         raise ValueError(f"mask shape {mask.shape} != tokens shape {tokens.shape}")
-    key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+    key = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) else seed
     stops = sorted({int(s) for s in stop_ids})
     if any(s < 0 for s in stops):
         raise ValueError(f"stop ids must be >= 0, got {stops}")
