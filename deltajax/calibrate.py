@@ -294,3 +294,26 @@ def _compress_group(lp, prefix, projs, st, rules, delta_of, fb, out, key, on_sta
         r = rule_for(name, rules)
         out[name] = compress_leaf(r.method, name, delta_of(name), key=key, stats=st)
         _set(lp, f"{p}.weight", _dense(fb[name], out[name]))
+
+
+def collect_stats(params: Mapping, cfg: M.ModelConfig, tokens, *, token_mask=None,
+                  batch_size: int = 8, progress: bool = False) -> dict[str, LinearStats]:
+    """Input statistics of every projection of `params` (run as is), keyed by weight name.
+
+    Projections sharing an input (q/k/v, gate/up) share one `LinearStats`. Used to measure the
+    layer-output error of compressed deltas on held-out text (`eval.output_errors`).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    tmask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
+    hidden = M.embed(params, tokens)
+    out = {}
+    taps = tuple(t for t, _ in SUBBLOCKS)
+    for i in tqdm(range(cfg.num_hidden_layers), desc="statistics", unit="layer",
+                  disable=not progress):
+        lp = params["layers"][i]
+        st = capture_layer_stats(cfg, lp, hidden, tmask, taps=taps, batch_size=batch_size)
+        for tap, projs in SUBBLOCKS:
+            for p in projs:
+                out[f"layers.{i}.{p}.weight"] = st[tap]
+        hidden = layer_forward(cfg, lp, hidden, tmask, batch_size=batch_size)
+    return out

@@ -66,3 +66,25 @@ def perplexity(
         "tokens": int(cnt),
         "seconds": time.perf_counter() - t0,
     }
+
+
+@jax.jit
+def _out_err(d, dh, h):
+    e = d.astype(jnp.float32) - dh
+    hi = jax.lax.Precision.HIGHEST
+    num = jnp.sum(jnp.matmul(e, h, precision=hi) * e)
+    den = jnp.sum(jnp.matmul(d.astype(jnp.float32), h, precision=hi) * d.astype(jnp.float32))
+    return jnp.sqrt(num / jnp.maximum(den, 1e-30))
+
+
+def output_errors(deltas, compressed, stats) -> dict[str, float]:
+    """Relative layer-output error ‖X(Δ − Δ̂)ᵀ‖ / ‖XΔᵀ‖ per compressed projection.
+
+    `stats` maps a weight name to the `LinearStats` of its inputs on held-out text
+    (`calibrate.collect_stats` of the fine-tune); ‖XEᵀ‖² = n/2 · tr(E H Eᵀ) with H = 2/n·XᵀX.
+    """
+    from deltajax.delta import flatten
+
+    flat = flatten(deltas)
+    return {name: float(_out_err(flat[name], leaf.decompress(), stats[name].hessian))
+            for name, leaf in compressed.items() if name in stats}

@@ -38,7 +38,26 @@ def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print) -> d
         log(f"[compress] {len(rep['zero'])} leaves have no delta (identical to base), e.g. "
             f"{rep['zero'][0]}")
     key = jax.random.PRNGKey(int(config.get("seed", 0)))
-    comp = delta.compress_tree(deltas, rules, key=key)
+    n_cal = int(config.get("calib_windows", 64))
+    if method.needs_stats and n_cal > 0:
+        if tok is None:
+            raise ValueError(f"{method.name} calibrates on text: a tokenizer is needed (or set "
+                             "calib_windows=0 for its data-free mode)")
+        from deltajax import calibrate
+
+        toks = calibrate.calibration_windows(
+            tok, config.get("calib_data") or None, num_windows=n_cal,
+            seq_len=int(config.get("calib_seq_len", 256)))
+        log(f"[compress] calibrating {method.name} on {toks.shape[0]} windows × {toks.shape[1]} "
+            "tokens, layer by layer")
+        comp = calibrate.sequential_compress(
+            base, ft, cfg, toks, rules, key=key,
+            batch_size=int(config.get("calib_batch_size", 8)),
+            true_sequential=bool(config.get("true_sequential", True)))
+    else:
+        if method.needs_stats:
+            log(f"[compress] {method.name}: no calibration data (calib_windows=0), data-free mode")
+        comp = delta.compress_tree(deltas, rules, key=key)
     t_compress = time.perf_counter() - t0
     distill_losses = None
     if isinstance(method, BitDelta) and int(config.get("distill_steps", 0)) > 0:

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from deltajax import calibrate
 from deltajax import data as D
 from deltajax import delta
 from deltajax import eval as E
@@ -32,7 +33,10 @@ flags.DEFINE_string("finetuned", None, "Fine-tuned model.", required=True)
 flags.DEFINE_string("out", "benchmarks/quality.md", "Markdown output.")
 flags.DEFINE_integer("eval_windows", 16, "Windows per perplexity evaluation.")
 flags.DEFINE_integer("eval_seq_len", 256, "Tokens per window.")
-flags.DEFINE_list("only", [], "Run only these row labels.")
+flags.DEFINE_list("only", [], "Run only these row labels (or label prefixes).")
+flags.DEFINE_integer("calib_windows", 32, "Calibration windows (GSM8K train split) for methods "
+                     "that calibrate (Delta-CoMe, GPTQ).")
+flags.DEFINE_integer("calib_seq_len", 256, "Tokens per calibration window.")
 
 ROWS = [
     ("BitDelta (1 bit, mean|Δ| scale)", {"name": "bitdelta"}),
@@ -46,6 +50,12 @@ ROWS = [
     ("DARE 32x", {"name": "dare", "p": 1 - 1 / 32}),
     ("DARE 64x", {"name": "dare", "p": 1 - 1 / 64}),
     ("DARE 128x", {"name": "dare", "p": 1 - 1 / 128}),
+    ("Delta-CoMe α=1/16 data-free", {"name": "deltacome", "ratio": 1 / 16}, 0),
+    ("Delta-CoMe α=1/16", {"name": "deltacome", "ratio": 1 / 16}),
+    ("Delta-CoMe α=1/32", {"name": "deltacome", "ratio": 1 / 32}),
+    ("Delta-CoMe α=1/64", {"name": "deltacome", "ratio": 1 / 64}),
+    ("Delta-CoMe α=1/128", {"name": "deltacome", "ratio": 1 / 128}),
+    ("GPTQ 2-bit g128", {"name": "gptq", "bits": 2, "group": 128}),
 ]
 
 
@@ -64,20 +74,29 @@ def main(argv):
 
     pb, pf = ppl(base), ppl(ft)
     print(f"base {pb}, fine-tune {pf}")
+    # layer-output error on held-out text: inputs of every projection of the fine-tune
+    held_stats = calibrate.collect_stats(ft, cfg, gsm[: max(4, FLAGS.eval_windows // 2)],
+                                         batch_size=4)
     rows = []
-    for label, m in ROWS:
-        if FLAGS.only and label not in FLAGS.only:
+    for label, m, *calib in ROWS:
+        if FLAGS.only and not any(label.startswith(o) for o in FLAGS.only):
             continue
         t0 = time.perf_counter()
-        res = compress_loaded(base, ft, cfg, {"method": m, "keep_other": True, "seed": 0},
-                              tok=tok, log=lambda *_: None)
+        n_cal = calib[0] if calib else FLAGS.calib_windows
+        res = compress_loaded(base, ft, cfg, {
+            "method": m, "keep_other": True, "seed": 0, "calib_windows": n_cal,
+            "calib_seq_len": FLAGS.calib_seq_len, "calib_batch_size": 8},
+            tok=tok, log=lambda *_: None)
+        out_err = float(np.mean(list(E.output_errors(res["deltas"], {
+            n: leaf for n, leaf in res["compressed"].items() if n in held_stats},
+            held_stats).values())))
         # merge == attach (tested); dense params share one compiled forward across methods
         pc = ppl(delta.merge(base, res["compressed"]))
         acc = res["accounting"]
         err = float(np.mean(list(res["rel_by_type"].values())))
         gain = (pb[0] - pc[0]) / (pb[0] - pf[0])
         rows.append((label, acc["linear_ratio"], acc["total_ratio"], acc["linear_bits_per_param"],
-                     err, pc[0], pc[1], gain))
+                     err, out_err, pc[0], pc[1], gain))
         print(f"{label}: {rows[-1][1:]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     dev = jax.devices()[0]
     lines = [
@@ -96,13 +115,19 @@ def main(argv):
         f"Base: GSM8K ppl {pb[0]:.3f}, WikiText-2 ppl {pb[1]:.3f}. Fine-tune: GSM8K ppl "
         f"{pf[0]:.3f}, WikiText-2 ppl {pf[1]:.3f}.",
         "",
-        "| method | linear ratio | whole ratio | bits/param | rel. error | GSM8K ppl | WikiText-2 "
-        "ppl | gain kept |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "- rel. error: mean over projections of ‖Δ−Δ̂‖/‖Δ‖; output error: mean of "
+        "‖X(Δ−Δ̂)ᵀ‖/‖XΔᵀ‖ with X each projection's inputs in the fine-tune on held-out GSM8K "
+        f"({held_stats[next(iter(held_stats))].count:.0f} tokens)",
+        f"- calibrated methods (Delta-CoMe, GPTQ): {FLAGS.calib_windows} windows × "
+        f"{FLAGS.calib_seq_len} tokens of the GSM8K train split, true-sequential",
+        "",
+        "| method | linear ratio | whole ratio | bits/param | rel. error | output error | GSM8K ppl "
+        "| WikiText-2 ppl | gain kept |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r[0]} | {r[1]:.2f}x | {r[2]:.2f}x | {r[3]:.3f} | {r[4]:.3f} | "
-                     f"{r[5]:.3f} | {r[6]:.3f} | {100 * r[7]:.1f}% |")
+                     f"{r[5]:.3f} | {r[6]:.3f} | {r[7]:.3f} | {100 * r[8]:.1f}% |")
     text = "\n".join(lines) + "\n"
     with open(FLAGS.out, "w") as f:
         f.write(text)

@@ -196,3 +196,18 @@ def test_sequential_deltacome_on_tiny_model():
     np.testing.assert_allclose(np.asarray(M.forward(att, held, cfg)[0]),
                                np.asarray(M.forward(delta.merge(base, seq), held, cfg)[0]),
                                atol=2e-4)
+
+
+def test_gram_svd_matches_full_svd_on_leading_ranks():
+    from deltajax.methods.lowrank import svd
+
+    for shape in [(300, 120), (120, 300)]:
+        d = _spectral_delta(*shape, 9, decay=20.0)
+        u, s, vt = svd(d, "full")
+        ug, sg, vtg = svd(d, "gram")
+        np.testing.assert_allclose(np.asarray(sg[:40]), np.asarray(s[:40]), rtol=1e-3)
+        r = 40
+        np.testing.assert_allclose(np.asarray((ug[:, :r] * sg[:r]) @ vtg[:r]),
+                                   np.asarray((u[:, :r] * s[:r]) @ vt[:r]), atol=1e-6)
+    with pytest.raises(ValueError, match="svd method"):
+        svd(d, "x")

@@ -138,6 +138,7 @@ class DeltaCoMe(Method):
     percdamp: float = 0.01
     scale_dtype: str = "bfloat16"
     s_dtype: str = "bfloat16"
+    svd: str = "full"  # or "gram" (eigh of the Gram matrix: faster on GPU for big matrices)
 
     def __post_init__(self):
         object.__setattr__(self, "bands", tuple(tuple(int(v) for v in b) for b in self.bands))
@@ -164,7 +165,7 @@ class DeltaCoMe(Method):
         sdt, vdt = SCALE_DTYPES[self.scale_dtype], SCALE_DTYPES[self.s_dtype]
         if not alloc:
             return DeltaCoMeDelta(v=(), u=(), s=(), n=n, k=k)
-        u, s, vt = svd(delta)
+        u, s, vt = svd(delta, self.svd)
         total = sum(r for _, r in alloc)
         s_q = s[:total].astype(vdt).astype(jnp.float32)
         h = None if stats is None else getattr(stats, "hessian", stats)
