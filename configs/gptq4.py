@@ -5,7 +5,8 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.method = ml_collections.ConfigDict({"name": "gptq", "bits": 4, "group": 128, "act_order": True})
+    c.method = ml_collections.ConfigDict(
+        {"name": "gptq", "bits": 4, "group": 128, "act_order": True})
     c.keep_other = True  # embeddings, lm_head, norms, biases keep a bf16 delta (False: dropped)
     c.seed = 0
     c.distill_steps = 0

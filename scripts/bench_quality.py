@@ -20,9 +20,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from deltajax import calibrate
+from deltajax import calibrate, delta
 from deltajax import data as D
-from deltajax import delta
 from deltajax import eval as E
 from deltajax.models_io import load_model
 from deltajax.pipeline import compress_loaded
@@ -121,8 +120,8 @@ def main(argv):
         f"- calibrated methods (Delta-CoMe, GPTQ): {FLAGS.calib_windows} windows × "
         f"{FLAGS.calib_seq_len} tokens of the GSM8K train split, true-sequential",
         "",
-        "| method | linear ratio | whole ratio | bits/param | rel. error | output error | GSM8K ppl "
-        "| WikiText-2 ppl | gain kept |",
+        "| method | linear ratio | whole ratio | bits/param | rel. error | output error "
+        "| GSM8K ppl | WikiText-2 ppl | gain kept |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

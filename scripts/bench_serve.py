@@ -191,8 +191,9 @@ def main(argv):
     for t in tenants:
         for b in batches:
             per = [len(range(i, b, t)) for i in range(min(t, b))]
-            denom = sum(dense_step[max(1, r)] for r in per if r) + min(t, b) * swap_s / FLAGS.gen_len
-            rows.append((f"dense per fine-tune, swapped (computed)", t, b, b / denom, float("nan"),
+            denom = (sum(dense_step[max(1, r)] for r in per if r)
+                     + min(t, b) * swap_s / FLAGS.gen_len)
+            rows.append(("dense per fine-tune, swapped (computed)", t, b, b / denom, float("nan"),
                          f"{min(t, b)} swaps of {swap_s:.2f} s per {FLAGS.gen_len} tokens"))
     for name in FLAGS.methods:
         for t in tenants:
@@ -210,11 +211,13 @@ def main(argv):
                     continue
                 lb = jax.tree.map(lambda x: x, layers)
                 ids = jnp.arange(b, dtype=jnp.int32) % t
-                lb = jax.tree.map(
-                    lambda x: x.replace(tenant_ids=jnp.broadcast_to(ids, x.tenant_ids.shape[:1]
-                                                                     + ids.shape))
-                    if isinstance(x, MultiTenantWeight) else x, lb,
-                    is_leaf=lambda x: isinstance(x, MultiTenantWeight))
+                def set_ids(x, ids=ids):
+                    if not isinstance(x, MultiTenantWeight):
+                        return x
+                    return x.replace(tenant_ids=jnp.broadcast_to(
+                        ids, x.tenant_ids.shape[:1] + ids.shape))
+
+                lb = jax.tree.map(set_ids, lb, is_leaf=lambda x: isinstance(x, MultiTenantWeight))
                 try:
                     st, mem, c = time_decode(cfg, lb, top, b)
                 except Exception as e:  # noqa: BLE001

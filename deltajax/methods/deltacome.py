@@ -156,7 +156,8 @@ class DeltaCoMe(Method):
                 2 if k <= 32767 else 4)
         return allocate_bands(n, k, ratio=self.ratio, bands=self.bands, fill_bits=self.fill_bits,
                               budget=self.budget, group=self.group, sym=self.sym,
-                              scale_bytes=sb, s_bytes=jnp.dtype(SCALE_DTYPES[self.s_dtype]).itemsize,
+                              scale_bytes=sb,
+                              s_bytes=jnp.dtype(SCALE_DTYPES[self.s_dtype]).itemsize,
                               perm_bytes=perm)
 
     def compress(self, delta, *, key=None, stats=None) -> DeltaCoMeDelta:
