@@ -73,7 +73,12 @@ def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print) -> d
     rel = delta.relative_errors(deltas, comp)
     by_type = delta.errors_by_type({n: e for n, e in rel.items()
                                     if not comp[n].method.name == "keep"})
-    lines = [accounting.format_table(acc), "", "| matrix type | relative error ‖Δ−Δ̂‖/‖Δ‖ |",
+    lines = [accounting.format_table(acc)]
+    if getattr(method, "ratio", None) is not None and getattr(method, "rank", None) is None:
+        lines += ["", f"nominal α = 1/{1 / method.ratio:.4g} (budget: "
+                  f"{getattr(method, 'budget', 'nominal')}); true linear-layer ratio "
+                  f"{acc['linear_ratio']:.2f}x"]
+    lines += ["", "| matrix type | relative error ‖Δ−Δ̂‖/‖Δ‖ |",
              "|---|---:|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in sorted(by_type.items())]
     return {"compressed": comp, "rules": rules, "deltas": deltas, "accounting": acc,
