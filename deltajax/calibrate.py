@@ -200,6 +200,7 @@ def sequential_compress(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_stats: Callable[[str, LinearStats], None] | None = None,
+    deltas: Mapping | None = None,
 ) -> dict[str, DeltaLeaf]:
     """Compress the delta finetuned − base leaf by leaf, calibrating methods that need statistics.
 
@@ -213,6 +214,8 @@ def sequential_compress(
       true_sequential: calibrate [q,k,v] → [o] → [gate,up] → [down] in order on inputs recomputed
         with the compressed sub-blocks (else one capture per layer).
       on_stats: optional callback(name_prefix, stats) e.g. to keep statistics for analysis.
+      deltas: the already extracted fp32 deltas (`delta.extract`), if the caller has them (else
+        each leaf's delta is computed when it is compressed).
 
     Returns {name: DeltaLeaf} for every leaf whose rule compresses it (like `compress_tree`).
     """
@@ -225,7 +228,11 @@ def sequential_compress(
     fb, ff = flatten(base), flatten(finetuned)
     out: dict[str, DeltaLeaf] = {}
 
+    fd = None if deltas is None else flatten(deltas)
+
     def delta_of(name):
+        if fd is not None:
+            return fd[name]
         return ff[name].astype(jnp.float32) - fb[name].astype(jnp.float32)
 
     # 1) data-free leaves first (everything whose method does not need statistics)

@@ -84,27 +84,10 @@ def _upper_inv_chol(h: jax.Array, k_real: int, percdamp: float) -> jax.Array:
     return u
 
 
-def _quant(w, s, z, qmax, sym):
-    """Codes and dequantized values of `w` on grid (s, z) with per-row qmax (broadcasting)."""
-    if sym:
-        q = jnp.clip(jnp.round((w / s + qmax) / 2), 0, qmax)
-        return q, s * (2 * q - qmax)
-    q = jnp.clip(jnp.round(w / s) + z, 0, qmax)
-    return q, s * (q - z)
-
-
-def _params(wg, qmax, sym, scale_dtype):
-    """Min-max grid over the last axis with per-row qmax (..., 1) -> s, z (..., 1)."""
-    if sym:
-        s = jnp.max(jnp.abs(wg), axis=-1, keepdims=True) / qmax
-        s = jnp.where(s > 0, s, 1.0).astype(scale_dtype).astype(jnp.float32)
-        return s, jnp.zeros_like(s)
-    xmin = jnp.minimum(jnp.min(wg, axis=-1, keepdims=True), 0.0)
-    xmax = jnp.maximum(jnp.max(wg, axis=-1, keepdims=True), 0.0)
-    s = (xmax - xmin) / qmax
-    s = jnp.where(s > 0, s, 1.0).astype(scale_dtype).astype(jnp.float32)
-    z = jnp.clip(jnp.round(-xmin / s), 0, qmax)
-    return s, z
+def _quant(w, s, z, bits, sym):
+    """Codes and dequantized values of `w` on grid (s, z); `bits` may be a per-row array."""
+    q = quantize_codes(w, s, z, bits, sym)
+    return q, dequant_codes(q, s, z, bits, sym)
 
 
 @functools.partial(
@@ -174,8 +157,9 @@ def gptq_quantize(
         mp = jnp.zeros((n_pad, kp), bool).at[:n, :k].set(mask.astype(bool))
         wp = jnp.where(mp, wp, 0.0)
     rb = jnp.zeros((n_pad,), jnp.int32).at[:n].set(rb)
-    qmax = (2.0 ** rb.astype(jnp.float32) - 1.0)[:, None]  # (n_pad, 1)
-    qmax = jnp.maximum(qmax, 1.0)
+    # per-row code width as a float array (n_pad, 1): the shared min-max quantizer of
+    # methods.base takes it in place of an int (padded rows get 1 bit; they stay zero)
+    bitsf = jnp.maximum(rb, 1).astype(jnp.float32)[:, None]
     hp = jnp.eye(kp, dtype=jnp.float32).at[:k, :k].set(h)
 
     # -------- dead columns, act-order, inverse Cholesky
@@ -199,16 +183,18 @@ def gptq_quantize(
     static = group_axis == "cols" and (static_groups or not act_order)
     if static and act_order:
         w_orig = jnp.zeros_like(wp).at[:, perm].set(wp)
-        s_st, z_st = _params(w_orig.reshape(n_pad, ng, g), qmax[:, :, None], sym, scale_dtype)
+        s_st, z_st = minmax_params(w_orig.reshape(n_pad, ng, g), bitsf[:, :, None], sym,
+                                   scale_dtype)
         s_st, z_st = s_st[..., 0], z_st[..., 0]  # (n_pad, ng) by original group
     col_gid = perm // g  # original group of each permuted column
 
     def quant_column(w_col, j_glob, w1_start, j_loc, s_cur, z_cur):
         """Returns codes, dequantized values, and the (possibly new) current parameters."""
         if group_axis == "rows":
-            s, z = _params(w_col.reshape(ng, g), qmax.reshape(ng, g)[:, :1], sym, scale_dtype)
+            s, z = minmax_params(w_col.reshape(ng, g), bitsf.reshape(ng, g)[:, :1], sym,
+                                 scale_dtype)
             s_full, z_full = jnp.repeat(s[:, 0], g), jnp.repeat(z[:, 0], g)
-            q, dq = _quant(w_col, s_full, z_full, qmax[:, 0], sym)
+            q, dq = _quant(w_col, s_full, z_full, bitsf[:, 0], sym)
             return q, dq, z_full, s[:, 0], z[:, 0]
         if static and act_order:
             s, z = s_st[:, col_gid[j_glob]], z_st[:, col_gid[j_glob]]
@@ -217,11 +203,11 @@ def gptq_quantize(
             # GPTQ-for-LLaMa / AutoGPTQ convention: `find_params(W[:, i:i+g])`, not W1)
             start = (j_loc // g) * g
             wg = jax.lax.dynamic_slice(w1_start, (0, start), (n_pad, g))
-            s_new, z_new = _params(wg, qmax, sym, scale_dtype)
+            s_new, z_new = minmax_params(wg, bitsf, sym, scale_dtype)
             fresh = (j_loc % g) == 0
             s = jnp.where(fresh, s_new[:, 0], s_cur)
             z = jnp.where(fresh, z_new[:, 0], z_cur)
-        q, dq = _quant(w_col, s, z, qmax[:, 0], sym)
+        q, dq = _quant(w_col, s, z, bitsf[:, 0], sym)
         return q, dq, z, s, z
 
     cols = jnp.arange(kp)
@@ -310,18 +296,18 @@ def dequantize_result(r: GPTQResult, *, bits: int | None = None, row_bits=None, 
     sym = r.zero is None
     rbits = jnp.full((r.q.shape[0],), bits) if row_bits is None else jnp.zeros(
         (r.q.shape[0],), jnp.int32).at[: len(row_bits)].set(row_bits)
-    qmax = (2.0 ** rbits.astype(jnp.float32) - 1.0)[:, None]
+    bitsf = rbits.astype(jnp.float32)[:, None]
     z = jnp.zeros_like(r.scale) if sym else r.zero
     if group_axis == "rows":
         g = r.q.shape[0] // r.scale.shape[0]
         s_full = jnp.repeat(r.scale, g, axis=0)
         z_full = jnp.repeat(z, g, axis=0)
-        wq = (s_full * (2 * r.q - qmax) if sym else s_full * (r.q - z_full))
+        wq = dequant_codes(r.q, s_full, z_full, bitsf, sym)
         return wq[:n, :k]
     g = r.q.shape[1] // r.scale.shape[1]
     s_full = jnp.repeat(r.scale, g, axis=1)
     z_full = jnp.repeat(z, g, axis=1)
-    wq = s_full * (2 * r.q - qmax) if sym else s_full * (r.q - z_full)
+    wq = dequant_codes(r.q, s_full, z_full, bitsf, sym)
     if r.perm is not None:
         wq = jnp.zeros_like(wq).at[:, r.perm].set(wq)
     return wq[:n, :k]

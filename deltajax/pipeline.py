@@ -51,7 +51,7 @@ def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print) -> d
         log(f"[compress] calibrating {method.name} on {toks.shape[0]} windows × {toks.shape[1]} "
             "tokens, layer by layer")
         comp = calibrate.sequential_compress(
-            base, ft, cfg, toks, rules, key=key,
+            base, ft, cfg, toks, rules, key=key, deltas=deltas,
             batch_size=int(config.get("calib_batch_size", 8)),
             true_sequential=bool(config.get("true_sequential", True)))
     else:

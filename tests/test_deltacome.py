@@ -188,6 +188,11 @@ def test_sequential_deltacome_on_tiny_model():
     rules = delta.default_rules(m)
     seq = calibrate.sequential_compress(base, ft, cfg, calib, rules, progress=False)
     free = delta.compress_tree(delta.extract(base, ft), rules, progress=False)
+    given = calibrate.sequential_compress(base, ft, cfg, calib, rules, progress=False,
+                                          deltas=delta.extract(base, ft))
+    name = "layers.1.mlp.down_proj.weight"
+    np.testing.assert_array_equal(np.asarray(given[name].decompress()),
+                                  np.asarray(seq[name].decompress()))
     e_seq = _logit_err(cfg, ft, delta.merge(base, seq), held)
     e_free = _logit_err(cfg, ft, delta.merge(base, free), held)
     e_base = _logit_err(cfg, ft, base, held)

@@ -105,12 +105,14 @@ def effective_group(k: int, group: int) -> int:
     return min(group, packing.padded_k(k, 1)) if k < group else group
 
 
-def minmax_params(w: jax.Array, bits: int, sym: bool, scale_dtype) -> tuple[jax.Array, jax.Array]:
+def minmax_params(w: jax.Array, bits, sym: bool, scale_dtype) -> tuple[jax.Array, jax.Array]:
     """Min-max scale (and zero) over the last axis of `w` (..., g) -> (..., 1) each.
 
     Asymmetric (GPTQ's): xmin=min(w,0), xmax=max(w,0), s=(xmax-xmin)/(2^b-1), z=round(-xmin/s).
     Symmetric: s = max|w| / (2^b - 1) on the grid s*(2q - (2^b - 1)); zero unused (returned 0).
     The scale is rounded to `scale_dtype` first, so codes are chosen against the stored scale.
+    `bits` is an int, or a float array broadcasting against (..., 1) (per-row widths, as GPTQ's
+    mixed-precision rows use).
     """
     qmax = 2**bits - 1
     if sym:
@@ -125,7 +127,7 @@ def minmax_params(w: jax.Array, bits: int, sym: bool, scale_dtype) -> tuple[jax.
     return s, z
 
 
-def quantize_codes(w: jax.Array, s: jax.Array, z: jax.Array, bits: int, sym: bool) -> jax.Array:
+def quantize_codes(w: jax.Array, s: jax.Array, z: jax.Array, bits, sym: bool) -> jax.Array:
     """Integer codes of `w` on the grid (s, z) (broadcasting), clamped to [0, 2^b)."""
     qmax = 2**bits - 1
     if sym:
@@ -133,7 +135,7 @@ def quantize_codes(w: jax.Array, s: jax.Array, z: jax.Array, bits: int, sym: boo
     return jnp.clip(jnp.round(w / s) + z, 0, qmax)
 
 
-def dequant_codes(q: jax.Array, s: jax.Array, z: jax.Array, bits: int, sym: bool) -> jax.Array:
+def dequant_codes(q: jax.Array, s: jax.Array, z: jax.Array, bits, sym: bool) -> jax.Array:
     if sym:
         return s * (2 * q - (2**bits - 1))
     return s * (q - z)
