@@ -16,7 +16,12 @@ matmul dispatches on the container type:
 * `QuantizedMatrix` (RTN, GPTQ, any method storing the shared packed format) ->
   `pallas_kernels.quant_matmul.quant_matmul_multitenant` (with an act-order `perm`, each row first
   gathers its activations in its own tenant's column order);
-* anything else (LowRank, DARE, Keep, Delta-CoMe, future methods) -> a generic fallback: every
+* `DeltaCoMeDelta` (Delta-CoMe bands, V and U in the packed format, no act-order `perm`) ->
+  `pallas_kernels.lowrank_delta_matmul.stored_gpu.stored_delta_multitenant` (two
+  segment-sorted Triton launches per band) with `implementation="pallas_gpu"`; "auto" picks it
+  on a GPU only once `stored_gpu.AUTO_ON_GPU` is set (not yet compiled on a device); otherwise,
+  or with a `perm`, the generic fallback;
+* anything else (LowRank, DARE, Keep, future methods) -> a generic fallback: every
   tenant's `method.matmul(x, container_t)` via `jax.vmap` over the stacked containers, then a
   per-row select. It does T times the delta work (and holds T delta outputs) for every row;
   register a dedicated multi-tenant kernel in `FAST_PATHS` to avoid it.
@@ -57,6 +62,8 @@ from deltajax import ops
 from deltajax.delta import DeltaLeaf, flatten, map_with_names
 from deltajax.methods import Method, QuantizedMatrix
 from deltajax.methods.bitdelta import SignDelta
+from deltajax.methods.deltacome import DeltaCoMeDelta
+from pallas_kernels.lowrank_delta_matmul import stored_gpu
 from pallas_kernels.quant_matmul import quant_matmul_multitenant
 from pallas_kernels.sign_matmul import sign_matmul_multitenant
 
@@ -106,10 +113,46 @@ def _quant_path(method, x, ids, c: QuantizedMatrix, y_base, implementation, inte
                                     interpret=interpret)
 
 
+def _stored_bands(c: DeltaCoMeDelta) -> tuple[stored_gpu.StoredBand, ...]:
+    return tuple(
+        stored_gpu.StoredBand(
+            v_planes=tuple(v.planes), v_scale=v.scale, v_zero=v.zero,
+            u_planes=tuple(u.planes), u_scale=u.scale, u_zero=u.zero, s=s,
+            v_bits=v.bits, v_group=v.group, u_bits=u.bits, u_group=u.group, n=c.n,
+        )
+        for v, u, s in zip(c.v, c.u, c.s)
+    )
+
+
+def _deltacome_path(method, x, ids, c: DeltaCoMeDelta, y_base, implementation, interpret):
+    """Delta-CoMe bands through the stored-format Triton kernels, else the generic fallback."""
+    num_t = c.s[0].shape[0] if c.s else 0
+    perm = any(q.perm is not None for q in (*c.v, *c.u))
+    bands = () if perm or not c.s else _stored_bands(c)
+    why = "act-order perm" if perm else ("no bands" if not bands else
+                                         stored_gpu.reason(x.dtype, bands))
+    on_gpu = jax.default_backend() == "gpu"
+    if implementation == "pallas_gpu" and why is not None:
+        raise ValueError(f"multitenant Delta-CoMe: pallas_gpu cannot run this call: {why}")
+    use = why is None and (
+        implementation == "pallas_gpu" and (on_gpu or interpret)
+        or implementation == "auto" and on_gpu and stored_gpu.AUTO_ON_GPU
+    )
+    if not use:
+        return generic_multitenant_matmul(method, x, ids, c, num_t, y_base)
+    lead = x.shape[:-1]
+    yb = None if y_base is None else y_base.reshape(-1, y_base.shape[-1])
+    y = stored_gpu.stored_delta_multitenant(
+        x.reshape(-1, x.shape[-1]), ids.reshape(-1), bands, y_base=yb, interpret=interpret
+    )
+    return y.reshape(*lead, y.shape[-1])
+
+
 # container type -> fn(method, x, row_ids, stacked container, y_base, implementation, interpret)
 FAST_PATHS: dict[type, Callable[..., jax.Array]] = {
     SignDelta: _sign_path,
     QuantizedMatrix: _quant_path,
+    DeltaCoMeDelta: _deltacome_path,
 }
 
 

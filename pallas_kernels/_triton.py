@@ -12,14 +12,20 @@ column part with one K part; sign_matmul the same with one scalar scale; the low
 column part per band; the expand one column part with a K part per band.
 
 Packed tiles are post-scaled: each K step covers `block_k` rows of one scale group and the group
-scale multiplies the f32 partial product after the dot. Two dequant strategies (`dequant`):
+scale multiplies the f32 partial product after the dot. Three dequant strategies (`dequant`):
 
 * "affine" (default): each weight becomes `2q - c` (symmetric, c = 2^b - 1) or `q - z` (zeros),
   exact small integers in the activation dtype, before the dot;
 * "rowsum": the raw codes `q` go to the dot and the offset is applied afterwards,
   `x @ (2q - c) = 2 (x @ q) - c Σx`, `x @ (q - z) = x @ q - z Σx`, with row sums Σx per step.
   Fewer ops per weight, but the per-step row reduction costs more than it saves: on an H100 it
-  was 1.07-1.85x slower (benchmarks/kernels.md).
+  was 1.07-1.85x slower (benchmarks/kernels.md);
+* "magic": `off + q` in bf16/fp16 by one OR and a bitcast (no int->float convert), offset removed
+  through row sums as in "rowsum". 7-25% slower than "affine" on an H200 at <= 16 rows.
+
+Tile layout: `Program.swap_ab` computes the transposed tile `W_tile @ x_tileᵀ` (weight rows as the
+MMA M dimension; codes unpacked along the minor axis by broadcast+reshape or a `tt.join` tree,
+`Program.unpack`). 1.2-1.6x slower than the default `x_tile @ W_tile` on an H200, so off by default.
 
 Grid: (column tiles over all column parts, row tiles | tenant work items, split-K). With split-K
 > 1 the output holds f32 partial sums `(S, M, N)` that the caller reduces (XLA fuses that reduce
@@ -49,10 +55,16 @@ from pallas_kernels._common import pow2_divisor, unsort_rows
 
 MAX_BLOCK_K = 128
 MAX_BLOCK_N = 128
-DEQUANT_MODES = ("rowsum", "affine")
+DEQUANT_MODES = ("rowsum", "affine", "magic")
+UNPACK_MODES = ("reshape", "join")
 # The dequant strategy used when a TritonConfig does not name one. H100 A/B (benchmarks/
 # kernels.md): "affine" took 0.54-0.94x the time of "rowsum" (geometric mean ~0.76x) on 7 shapes.
 DEFAULT_DEQUANT = "affine"
+# Transposed tiles (weight rows as the MMA M dimension) for batches up to SWAP_AB_MAX_ROWS rows,
+# and the unpack idiom they use. Set from the H200 A/B in benchmarks/kernels.md.
+DEFAULT_SWAP_AB = False
+SWAP_AB_MAX_ROWS = 64
+DEFAULT_UNPACK = "reshape"
 # Largest unpacked (block_k, block_n) tile: bigger tiles spill registers with 4 warps.
 MAX_TILE_ELEMS = 128 * 256
 
@@ -69,9 +81,16 @@ class TritonConfig:
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining stages.
       dequant: "rowsum" (codes go straight to the MMA; the code offset and zeros are applied
-        after the dot through row sums of x) or "affine" (each weight is dequantized to
-        2q - c or q - z before the dot; the default, faster on H100). Scales are applied after
-        the dot either way.
+        after the dot through row sums of x), "affine" (each weight is dequantized to
+        2q - c or q - z before the dot) or "magic" (codes become `off + q` in bf16/fp16 by one
+        integer OR and a bitcast, no int->float convert; the offset is removed after the dot
+        through row sums as in "rowsum"; fp32 activations fall back to "affine"). Scales are
+        applied after the dot in every mode.
+      swap_ab: compute the transposed tile `W_tile (block_n, block_k) @ x_tileᵀ` so the weight
+        fills the MMA's M dimension (decode batches are only 16 rows) and codes unpack along
+        the tile's minor axis.
+      unpack: with swap_ab, "reshape" (broadcast shifts + reshape) or "join" (a tree of
+        `jnp.stack(..., -1)`, i.e. `tt.join`, keeping each word's fields in one thread).
     """
 
     block_m: int | None = None
@@ -81,6 +100,8 @@ class TritonConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     dequant: str | None = None
+    swap_ab: bool | None = None
+    unpack: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +151,8 @@ class Program:
     out_dtype: str
     tenants: bool = False
     dequant: str = "rowsum"
+    swap_ab: bool = False
+    unpack: str = "reshape"
 
     @property
     def n_total(self) -> int:
@@ -182,8 +205,10 @@ def block_n_for(n: int, cap: int = MAX_BLOCK_N) -> int:
 
 
 def block_n_heuristic(n: int, m: int) -> int:
-    """Output columns per tile: 256 for decode batches (<= 16 rows), else 128 (H100 sweep)."""
-    return pow2_divisor(n, 256 if m <= 16 else MAX_BLOCK_N)
+    """Output columns per tile: 128 (H200 sweep, benchmarks/kernels.md: 256 for <= 16 rows, the
+    H100 choice, was 5-15% slower on 4096x14336 and 8192x8192 and tied on 4096x4096)."""
+    del m
+    return pow2_divisor(n, MAX_BLOCK_N)
 
 
 def block_m_for(m: int) -> int:
@@ -191,16 +216,24 @@ def block_m_for(m: int) -> int:
     return min(64, max(16, 1 << max(0, (m - 1).bit_length())))
 
 
-def split_for(tiles: int, nblocks: int, sms: int, cap: int = 32) -> int:
-    """Smallest split-K dividing nblocks with tiles * S >= 1.5 waves of SMs (H100 sweep)."""
+def split_for(tiles: int, nblocks: int, sms: int, cap: int = 32, waves: float = 1.5) -> int:
+    """Smallest split-K dividing nblocks with tiles * S >= `waves` waves of SMs.
+
+    1.5 waves came from an H100 sweep; quant/sign_matmul ask for `PACKED_WAVES` (H200 sweep).
+    """
     best = 1
     for s in range(1, min(cap, nblocks) + 1):
         if nblocks % s:
             continue
         best = s
-        if 2 * tiles * s >= 3 * sms:
+        if tiles * s >= waves * sms:
             break
     return best
+
+
+# H200 sweep (benchmarks/kernels.md): block_n 128 with split-K 8 on 4096x14336 (896 programs) and
+# 8192x8192 (512), 8-16 on 4096x4096, were 5-12% faster than the 1.5-wave choice.
+PACKED_WAVES = 3.5
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -241,6 +274,49 @@ def dequant_mode(cfg: TritonConfig | None) -> str:
     return mode
 
 
+def unpack_mode(cfg: TritonConfig | None) -> str:
+    """The unpack strategy of a config (module default when unset), validated."""
+    mode = (cfg.unpack if cfg is not None else None) or DEFAULT_UNPACK
+    if mode not in UNPACK_MODES:
+        raise ValueError(f"TritonConfig.unpack must be one of {UNPACK_MODES}, got {mode!r}")
+    return mode
+
+
+def swap_ab(cfg: TritonConfig | None, m: int) -> bool:
+    """Whether a program uses the transposed (weight-as-M) tile; default by batch size."""
+    if cfg is not None and cfg.swap_ab is not None:
+        return bool(cfg.swap_ab)
+    return DEFAULT_SWAP_AB and m <= SWAP_AB_MAX_ROWS
+
+
+def _unpack_minor(words: jax.Array, pb: int, mode: str) -> jax.Array:
+    """(BN, R) words -> (BN, R * 32/pb) int32 codes along the minor axis (k = w*vpw + t)."""
+    vpw = packing.WORD_BITS // pb
+    bn, r = words.shape
+    mask = (1 << pb) - 1
+    if mode == "reshape":
+        shifts = (jnp.arange(vpw, dtype=jnp.int32) * pb).astype(words.dtype)
+        q = (words[:, :, None] >> shifts[None, None, :]) & mask
+        return q.reshape(bn, r * vpw).astype(jnp.int32)
+
+    def arrange(ts):  # last joined axis = lowest bit of t, so the row-major flatten is t order
+        if len(ts) == 1:
+            return (words >> (ts[0] * pb)) & mask
+        return jnp.stack([arrange(ts[0::2]), arrange(ts[1::2])], axis=-1)
+
+    return arrange(list(range(vpw))).reshape(bn, r * vpw).astype(jnp.int32)
+
+
+def _magic(q: jax.Array, dtype) -> tuple[jax.Array, float]:
+    """int32 codes q < 128 -> (off + q) in bf16/fp16 by an OR and a bitcast; returns (w, off)."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+        bits, off = 0x4300, 128.0  # bf16 128.0: mantissa step 1 on [128, 256)
+    else:
+        bits, off = 0x6400, 1024.0  # fp16 1024.0: mantissa step 1 on [1024, 2048)
+    w = lax.bitcast_convert_type((q | bits).astype(jnp.int16), jnp.dtype(dtype))
+    return w, off
+
+
 def _unpack(words: jax.Array, pb: int) -> jax.Array:
     """(R, BN) words -> (R * 32/pb, BN) int32 codes, interleaved order (k = w*vpw + t)."""
     vpw = packing.WORD_BITS // pb
@@ -272,7 +348,18 @@ def _packed_part(acc, kp, kidx, refs, x_ref, tenant, row0, row_mask, col0, bn, s
     bk, bm = kp.block_k, prog.block_m
     c = float(2**pk.bits - 1)
     steps_per_group = 1 if pk.scalar_scale else pk.group // bk
-    affine = prog.dequant == "affine"
+    swap = prog.swap_ab
+    mode = prog.dequant
+    xdt = jnp.dtype(x_ref.dtype)
+    if mode == "magic" and (xdt == jnp.dtype(jnp.float32) or (
+        xdt == jnp.dtype(jnp.bfloat16) and pk.bits > 7
+    )):
+        mode = "affine"  # fp32 has no exact small-mantissa window; bf16 holds only 7-bit codes
+
+    def vec(ref, g):
+        # (1, bn) per-column values of group g; (bn, 1) in the transposed tile.
+        v = ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
+        return v.reshape(bn, 1) if swap else v
 
     def body(kb, carry):
         xb = _load_rows(x_ref, None, row0, bm, kp.x_offset + kb * bk, bk, row_mask)
@@ -281,28 +368,40 @@ def _packed_part(acc, kp, kidx, refs, x_ref, tenant, row0, row_mask, col0, bn, s
         for p_ref, pb in zip(planes, pbits):
             rows = bk * pb // packing.WORD_BITS
             wp = p_ref[_idx(tenant, pl.ds(kb * rows, rows), pl.ds(col0, bn))]
-            qp = _unpack(wp, pb)
+            qp = _unpack_minor(wp.T, pb, prog.unpack) if swap else _unpack(wp, pb)
             q = qp if q is None else q | (qp << shift)
             shift += pb
         g = kb // steps_per_group
-        z = None
-        if pk.has_zero:
-            z = z_ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
-        if affine:
+        z = vec(z_ref, g) if pk.has_zero else None
+        prec = precision_for(xb)
+
+        def mm(w):  # (bm, bn) product, or (bn, bm) in the transposed tile
+            if swap:
+                return jnp.dot(w, xb.T, precision=prec, preferred_element_type=jnp.float32)
+            return jnp.dot(xb, w, precision=prec, preferred_element_type=jnp.float32)
+
+        def rowsum():
+            xs = jnp.sum(xb.astype(jnp.float32), axis=1)
+            return xs[None, :] if swap else xs[:, None]
+
+        if mode == "affine":
             if z is not None:
                 w = (q.astype(jnp.float32) - z).astype(xb.dtype)
             else:
                 w = (2 * q - (2**pk.bits - 1)).astype(xb.dtype)
-            d = jnp.dot(xb, w, precision=precision_for(xb), preferred_element_type=jnp.float32)
+            d = mm(w)
+        elif mode == "magic":
+            w, off = _magic(q, xb.dtype)
+            d = mm(w)  # x @ (off + q)
+            xs = rowsum()
+            d = d - xs * (off + z) if z is not None else 2.0 * d - (2.0 * off + c) * xs
         else:
-            w = q.astype(xb.dtype)
-            d = jnp.dot(xb, w, precision=precision_for(xb), preferred_element_type=jnp.float32)
-            xs = jnp.sum(xb.astype(jnp.float32), axis=1)[:, None]
+            d = mm(q.astype(xb.dtype))
+            xs = rowsum()
             d = d - xs * z if z is not None else 2.0 * d - c * xs
         if pk.scalar_scale:
             return carry + d
-        sc = s_ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
-        return carry + sc * d
+        return carry + vec(s_ref, g) * d
 
     if not pk.scalar_scale:
         return _k_loop(kp, kidx, split, prog, body, acc)
@@ -317,9 +416,10 @@ def _dense_part(acc, kp, kidx, w_ref, x_ref, row0, row_mask, col0, bn, split, pr
     def body(kb, carry):
         xb = _load_rows(x_ref, None, row0, bm, kp.x_offset + kb * bk, bk, row_mask)
         wb = w_ref[pl.ds(col0, bn), pl.ds(kb * bk, bk)].astype(xb.dtype)
+        a, b = (wb, xb) if prog.swap_ab else (xb, wb)
         d = lax.dot_general(
-            xb,
-            wb,
+            a,
+            b,
             (((1,), (1,)), ((), ())),
             precision=precision_for(xb),
             preferred_element_type=jnp.float32,
@@ -332,7 +432,7 @@ def _dense_part(acc, kp, kidx, w_ref, x_ref, row0, row_mask, col0, bn, split, pr
 def _tile(cp, refs, x_refs, out_ref, j, row0, row_mask, tenant, split, prog):
     bn, bm = cp.block_n, prog.block_m
     col0 = j * bn
-    acc = jnp.zeros((bm, bn), jnp.float32)
+    acc = jnp.zeros((bn, bm) if prog.swap_ab else (bm, bn), jnp.float32)
     pos = 0
     for kidx, kp in enumerate(cp.kparts):
         x_ref = x_refs[kp.x_index]
@@ -360,7 +460,9 @@ def _tile(cp, refs, x_refs, out_ref, j, row0, row_mask, tenant, split, prog):
             pos += n
     if cp.col_scale:
         cs = refs[pos][_idx(tenant, pl.ds(col0, bn))].astype(jnp.float32)
-        acc = acc * cs[None, :]
+        acc = acc * (cs[:, None] if prog.swap_ab else cs[None, :])
+    if prog.swap_ab:
+        acc = acc.T
     idx = (pl.ds(row0, bm), pl.ds(cp.out_offset + col0, bn))
     view = out_ref.at[(split, *idx) if prog.split_k > 1 else idx]
     val = acc.astype(out_ref.dtype)

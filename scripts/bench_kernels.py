@@ -20,12 +20,16 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import datetime
+import glob
 import importlib.metadata
 import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -56,6 +60,23 @@ flags.DEFINE_integer("reps", 5, "Timed runs (the median is reported).")
 flags.DEFINE_string("out", "benchmarks/kernels.md", "Markdown report path.")
 flags.DEFINE_integer("sweep_budget_s", 150, "Stop starting new sweep configs after this long.")
 flags.DEFINE_bool("smoke", False, "Tiny shapes, CPU allowed: checks the script's plumbing only.")
+flags.DEFINE_bool(
+    "variants", False, "A/B the Triton tile layouts (swap-AB, unpack, dequant); adopt the fastest."
+)
+flags.DEFINE_bool(
+    "profile",
+    True,
+    "Also run each timed loop once under the JAX profiler and report device kernel time per "
+    "layer (the Pallas kernel alone, and all kernels of the layer).",
+)
+flags.DEFINE_list("shapes", [], "K×N shapes for the quant table, e.g. 4096x4096 (default: all 4).")
+flags.DEFINE_list("tokens", [], "Token counts M for the quant table (default 1,16,32,64).")
+flags.DEFINE_list("bits", [], "Bit widths at every M (default 4,2).")
+flags.DEFINE_list("bits_m16", [], "Extra bit widths at M=16 (default 8,3,1).")
+flags.DEFINE_list(
+    "sections", ["quant", "sign", "lowrank", "multitenant"], "Which timing tables to run."
+)
+flags.DEFINE_integer("variants_budget_s", 200, "Seconds after which no new variant timing starts.")
 
 GROUP = 128
 TARGET_BYTES = 160e6
@@ -94,8 +115,42 @@ def _carry(x, y):
     return x + (z * 1e-8).astype(x.dtype)
 
 
+PROFILE_INFO: dict = {"lines": set(), "kernels": collections.Counter()}
+LAST_PROFILE: dict = {}
+PALLAS_KERNEL_NAME = "deltajax_packed_matmul"
+
+
+def _device_kernel_ns(run, args) -> collections.Counter:
+    """ns per kernel name of one call of `run`, from the profiler's GPU stream lines."""
+    d = tempfile.mkdtemp(prefix="jaxprof")
+    try:
+        jax.profiler.start_trace(d)
+        run(*args).block_until_ready()
+        jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        pd = jax.profiler.ProfileData.from_file(paths[0])
+        tot: collections.Counter = collections.Counter()
+        for plane in pd.planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                PROFILE_INFO["lines"].add(line.name)
+                if "Stream" not in line.name:
+                    continue
+                for ev in line.events:
+                    tot[ev.name] += ev.duration_ns
+        return tot
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def time_layers(fn, x0, weights) -> float:
-    """Median µs per layer of `fn(x, w)` over the distinct layers `weights`."""
+    """Median µs per layer of `fn(x, w)` over the distinct layers `weights`.
+
+    With --profile, also stores in LAST_PROFILE the device time per layer of the Pallas kernel
+    alone ("kernel", µs) and of every kernel the loop ran ("busy", µs; the loop's own carry add
+    included).
+    """
     loops, r = FLAGS.loops, len(weights)
 
     @jax.jit
@@ -113,7 +168,22 @@ def time_layers(fn, x0, weights) -> float:
         t0 = time.perf_counter()
         run(x0, weights).block_until_ready()
         ts.append(time.perf_counter() - t0)
+    LAST_PROFILE.clear()
+    if FLAGS.profile and not FLAGS.smoke:
+        try:
+            ns = _device_kernel_ns(run, (x0, weights))
+            calls = loops * r
+            PROFILE_INFO["kernels"].update({k: 1 for k in ns})
+            kern = sum(v for k, v in ns.items() if PALLAS_KERNEL_NAME in k)
+            LAST_PROFILE["kernel"] = kern / calls / 1e3 if kern else None
+            LAST_PROFILE["busy"] = sum(ns.values()) / calls / 1e3 if ns else None
+        except Exception as e:  # the profiler is a diagnostic; never lose the wall-clock number
+            log(f"profile failed: {type(e).__name__}: {str(e)[:200]}")
     return statistics.median(ts) / (loops * r) * 1e6
+
+
+def prof(key):
+    return LAST_PROFILE.get(key)
 
 
 def copies(layer_bytes: float) -> int:
@@ -212,7 +282,7 @@ class Baselines:
     """Caches XLA bf16 / int4 per-channel timings per (K, N, M)."""
 
     def __init__(self, mk: Maker):
-        self.mk, self.cache = mk, {}
+        self.mk, self.cache, self.busy_cache = mk, {}, {}
 
     def get(self, k, n, m):
         key = (k, n, m)
@@ -220,9 +290,15 @@ class Baselines:
             x = self.mk.x(m, k)
             wb = [self.mk.dense(n, k) for _ in range(copies(2 * k * n))]
             wi = [self.mk.int4(k, n) for _ in range(copies(k * n / 2))]
-            self.cache[key] = (time_layers(bf16_fn, x, wb), time_layers(int4_fn, x, wi))
+            tb = time_layers(bf16_fn, x, wb)
+            self.busy_cache[key] = prof("busy")
+            self.cache[key] = (tb, time_layers(int4_fn, x, wi))
             del wb, wi
         return self.cache[key]
+
+    def busy(self, k, n, m):
+        """Device busy µs per layer of the XLA bf16 loop (GEMM + carry add)."""
+        return self.busy_cache.get((k, n, m))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -270,6 +346,7 @@ def quant_rows(mk, bl, bw, shapes, ms, bits_all, bits_m16):
                 x = mk.x(m, k)
                 ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
                 t = time_layers(ours_fn(bits), x, ws)
+                kern = (prof("kernel"), prof("busy"), bl.busy(k, n, m))
                 tu = time_layers(unfused_fn(bits), x, ws)
                 del ws
                 roof = (packed_bytes(k, n, bits) + io_bytes(m, k, n)) / bw * 1e6
@@ -287,6 +364,7 @@ def quant_rows(mk, bl, bw, shapes, ms, bits_all, bits_m16):
                         ti / t,
                         tu,
                         tu / t,
+                        *kern,
                     ],
                 )
 
@@ -309,6 +387,7 @@ def _row(r):
                 fmt(r[8], ".2f"),
                 fmt(r[9]),
                 fmt(r[10], ".2f"),
+                *(fmt(v) for v in (list(r[11:14]) + [None] * 3)[:3]),
             ]
         )
         + " |"
@@ -373,7 +452,7 @@ def ab_dequant(mk, bw):
         x = mk.x(m, k)
         ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
         t = {}
-        for mode in tr.DEQUANT_MODES:
+        for mode in ("rowsum", "affine"):
             cfg = qgpu.TritonConfig(dequant=mode)
 
             def f(x, w, cfg=cfg, bits=bits):
@@ -415,11 +494,14 @@ def sign_rows(mk, bl, bw, shapes, ms):
                 sg = 2 * packing.unpack_plane(w[0], 1).astype(BF16) - 1
                 return (jnp.dot(x, sg, preferred_element_type=jnp.float32) * w[1]).astype(BF16)
 
-            t, tu = time_layers(ours, x, ws), time_layers(unfused, x, ws)
+            t = time_layers(ours, x, ws)
+            kern = (prof("kernel"), prof("busy"), bl.busy(k, n, m))
+            tu = time_layers(unfused, x, ws)
             roof = (k * n / 8 + io_bytes(m, k, n)) / bw * 1e6
             add_row(
                 rows,
-                [f"{k}×{n}", m, "sign w1", t, 100 * roof / t, tb, tb / t, ti, ti / t, tu, tu / t],
+                [f"{k}×{n}", m, "sign w1", t, 100 * roof / t, tb, tb / t, ti, ti / t, tu, tu / t]
+                + list(kern),
             )
 
     return rows
@@ -472,10 +554,14 @@ def lowrank_rows(mk, bl, bw, ms, dim=4096, bands=COME_BANDS):
             ("lowrank + base, fused in Pallas", fused, unfused_fused, 2 * k * n),
             ("lowrank + base, XLA base GEMM", xla_base, unfused_fused, 2 * k * n),
         ]:
-            t, tu = time_layers(f, x, ws), time_layers(fu, x, ws)
+            t = time_layers(f, x, ws)
+            kern = (prof("kernel"), prof("busy"), bl.busy(k, n, m))
+            tu = time_layers(fu, x, ws)
             roof = (lowrank_bytes(k, n, bands) + extra + io_bytes(m, k, n)) / bw * 1e6
             add_row(
-                rows, [f"{k}×{n}", m, name, t, 100 * roof / t, tb, tb / t, ti, ti / t, tu, tu / t]
+                rows,
+                [f"{k}×{n}", m, name, t, 100 * roof / t, tb, tb / t, ti, ti / t, tu, tu / t]
+                + list(kern),
             )
 
         del ws
@@ -534,6 +620,7 @@ def multitenant_rows(mk, bl, bw, ms, quick, dim=4096, bands=COME_BANDS):
                     return lowrank_delta_matmul_multitenant(x, tids, w, implementation="xla")
 
             t = time_layers(f, x, ws)
+            kern = (prof("kernel"), prof("busy"), bl.busy(k, n, m))
             try:
                 tu = time_layers(fu, x, ws[:2])
             except Exception as e:  # the unfused form materializes T dense weights
@@ -555,6 +642,7 @@ def multitenant_rows(mk, bl, bw, ms, quick, dim=4096, bands=COME_BANDS):
                     ti / t,
                     tu,
                     speed(tu, t),
+                    *kern,
                 ],
             )
 
@@ -627,14 +715,122 @@ def sweep(mk, bw):
     return lines
 
 
+VARIANTS = [  # (name, TritonConfig fields)
+    ("NK affine (v1 default)", dict(swap_ab=False, dequant="affine")),
+    ("NK magic", dict(swap_ab=False, dequant="magic")),
+    ("swapAB reshape affine", dict(swap_ab=True, unpack="reshape", dequant="affine")),
+    ("swapAB join affine", dict(swap_ab=True, unpack="join", dequant="affine")),
+    ("swapAB reshape magic", dict(swap_ab=True, unpack="reshape", dequant="magic")),
+    ("swapAB join magic", dict(swap_ab=True, unpack="join", dequant="magic")),
+]
+
+
+def _qfn(cfg, bits):
+    def f(x, w):
+        return qgpu.quant_matmul(
+            x, w[0], w[1], None, bits=bits, group=GROUP, config=cfg, interpret=FLAGS.smoke
+        )
+
+    return f
+
+
+def variants(mk, bw):
+    """A/B of tile layouts at default tiles, then a tile sweep of the winner; adopts both."""
+    lines = [
+        "| K×N | M | bits | variant | µs/layer | Pallas kernel µs | device busy µs | "
+        "% roofline (kernel) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    log("\n## Triton layout variants (default tiles)")
+    log(lines[0])
+    cases = [
+        ((4096, 14336), 16, 4),
+        ((4096, 14336), 16, 2),
+        ((4096, 14336), 1, 1),
+        ((4096, 4096), 16, 4),
+        ((8192, 8192), 16, 4),
+        ((4096, 14336), 64, 4),
+    ]
+    if FLAGS.smoke:
+        cases = [((256, 128), 16, 4)]
+    deadline = time.time() + FLAGS.variants_budget_s
+    score = collections.defaultdict(list)
+    for (k, n), m, bits in cases:
+        x = mk.x(m, k)
+        ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
+        roof = (packed_bytes(k, n, bits) + io_bytes(m, k, n)) / bw * 1e6
+        for name, kw in VARIANTS:
+            if time.time() > deadline:
+                break
+            try:
+                t = time_layers(_qfn(qgpu.TritonConfig(**kw), bits), x, ws)
+            except Exception as e:
+                log(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            kt = prof("kernel")
+            score[name].append(math.log((kt or t) / roof))
+            line = (
+                f"| {k}×{n} | {m} | {bits} | {name} | {t:.1f} | {fmt(kt)} | {fmt(prof('busy'))} "
+                f"| {fmt(None if not kt else 100 * roof / kt, '.0f')} |"
+            )
+            lines.append(line)
+            log(line)
+        del ws
+    full = [nm for nm, _ in VARIANTS if len(score[nm]) == max(len(v) for v in score.values())]
+    best = min(full, key=lambda nm: sum(score[nm]))
+    kw = dict(VARIANTS)[best]
+    tr.DEFAULT_SWAP_AB = bool(kw["swap_ab"])
+    tr.DEFAULT_DEQUANT = kw["dequant"]
+    tr.DEFAULT_UNPACK = kw.get("unpack", tr.DEFAULT_UNPACK)
+    jax.clear_caches()
+    lines.append(
+        f"\nadopted (lowest geometric-mean Pallas kernel time over the cases): **{best}** "
+        f"(`_triton.DEFAULT_SWAP_AB={tr.DEFAULT_SWAP_AB}`, `DEFAULT_UNPACK={tr.DEFAULT_UNPACK!r}`, "
+        f"`DEFAULT_DEQUANT={tr.DEFAULT_DEQUANT!r}`)"
+    )
+    log(lines[-1])
+    # Tile sweep of the adopted layout.
+    lines += [
+        "",
+        "| K×N | M | bits | block_n | split_k | warps | stages | µs/layer | Pallas kernel µs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (k, n), m, bits in cases[:2] + cases[3:5]:
+        x = mk.x(m, k)
+        ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
+        for bn in (64, 128, 256):
+            for split in (1, 2, 4, 8, 16):
+                for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                    tiles = (n // bn) * split
+                    if tiles < 64 or tiles > 2048 or time.time() > deadline + 90:
+                        continue
+                    cfg = qgpu.TritonConfig(
+                        block_n=bn, split_k=split, num_warps=warps, num_stages=stages
+                    )
+                    try:
+                        t = time_layers(_qfn(cfg, bits), x, ws)
+                    except Exception as e:
+                        log(f"config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    line = (
+                        f"| {k}×{n} | {m} | {bits} | {bn} | {split} | {warps} | {stages} | "
+                        f"{t:.1f} | {fmt(prof('kernel'))} |"
+                    )
+                    lines.append(line)
+                    log(line)
+        del ws
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 
 
 HEADER = (
     "| shape K×N | M | kernel | µs/layer | % roofline | XLA bf16 µs | × bf16 | "
-    "XLA int4-pc µs | × int4-pc | XLA unfused µs | × unfused |"
+    "XLA int4-pc µs | × int4-pc | XLA unfused µs | × unfused | Pallas kernel µs | "
+    "device busy µs | XLA bf16 busy µs |"
 )
-SEP = "|---|---|---|---|---|---|---|---|---|---|---|"
+SEP = "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 
 
 def main(argv):
@@ -665,6 +861,12 @@ def main(argv):
     log(header[-2])
     log(header[-1])
     write_report()
+    if FLAGS.variants:
+        try:
+            REPORT["tables"]["variants"] = "## Triton layout variants\n\n" + variants(mk, bw)
+        except Exception:
+            log(traceback.format_exc())
+        write_report()
     if FLAGS.ab:
         try:
             REPORT["tables"]["ab"] = "## Triton dequant strategy A/B\n\n" + ab_dequant(mk, bw)
@@ -689,6 +891,14 @@ def main(argv):
         else:
             shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]
             ms, bits_all, bits_m16 = [1, 16, 32, 64], [4, 2], [8, 3, 1]
+        if FLAGS.shapes:
+            shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in FLAGS.shapes]
+        if FLAGS.tokens:
+            ms = [int(v) for v in FLAGS.tokens]
+        if FLAGS.bits:
+            bits_all = [int(v) for v in FLAGS.bits]
+        if FLAGS.bits_m16:
+            bits_m16 = [int(v) for v in FLAGS.bits_m16]
         small = FLAGS.quick or FLAGS.smoke
         dim, bands = (256, [(8, 2), (3, 32), (2, 60)]) if FLAGS.smoke else (4096, COME_BANDS)
         log("\n## Per-layer timings\n")
@@ -709,11 +919,16 @@ def main(argv):
             ),
         ]
         for name, fn in sections:
+            if name not in FLAGS.sections:
+                continue
             try:
                 fn()
             except Exception:
                 log(f"{name} rows failed:\n{traceback.format_exc()}")
     write_report()
+    if PROFILE_INFO["lines"]:
+        log(f"profiler GPU lines seen: {sorted(PROFILE_INFO['lines'])[:12]}")
+        log(f"kernel names seen (first 40): {sorted(PROFILE_INFO['kernels'])[:40]}")
     print("\n" + "\n\n".join(REPORT["tables"].values()))
     if REPORT["rows"]:
         print("\n".join([HEADER, SEP] + [_row(r) for r in REPORT["rows"]]))

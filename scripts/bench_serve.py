@@ -52,6 +52,13 @@ flags.DEFINE_integer("steps", 10, "Timed decode steps per configuration.")
 flags.DEFINE_integer("gen_len", 128, "Generation length amortizing one dense swap per tenant.")
 flags.DEFINE_float("max_seconds", 480.0, "Skip remaining configurations after this long.")
 flags.DEFINE_string("out", "benchmarks/serving.md", "Markdown output ('' to skip).")
+flags.DEFINE_string(
+    "implementation",
+    "auto",
+    "MultiTenantWeight.implementation: 'auto' (the multi-tenant kernels where they apply), "
+    "'pallas_gpu' (force them, incl. the Delta-CoMe stored-format kernels) or "
+    "'xla' (the references / generic per-tenant fallback, for comparison).",
+)
 
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
          ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -112,7 +119,8 @@ def build(cfg, method_name, t, batch, key):
                                   jax.ShapeDtypeStruct(w.shape[1:], jnp.float32))
         stacked = _random_like(jax.random.fold_in(key, j), abstract, (cfg.num_hidden_layers, t))
         layers[blk][p]["weight"] = MultiTenantWeight(base=w, deltas=stacked, tenant_ids=ids,
-                                                     method=m, num_tenants=t)
+                                                     method=m, num_tenants=t,
+                                                     implementation=FLAGS.implementation)
     return layers, top
 
 

@@ -134,3 +134,83 @@ def test_multitenant_gpu(m):
     )
     want = lowrank_delta_matmul_multitenant(x, tids, bands, y_base=y_base, implementation="xla")
     assert_close(got, want, dtype=BF16, what="gpu lowrank multitenant")
+
+
+LAYOUTS = [
+    dict(swap_ab=False, dequant="magic"),
+    dict(swap_ab=True, unpack="reshape", dequant="affine"),
+    dict(swap_ab=True, unpack="join", dequant="affine"),
+    dict(swap_ab=True, unpack="reshape", dequant="magic"),
+    dict(swap_ab=True, unpack="join", dequant="magic"),
+    dict(swap_ab=True, unpack="join", dequant="rowsum"),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "-".join(str(v) for v in d.values()))
+@pytest.mark.parametrize(
+    "bits,zero,dtype,m", [(4, False, BF16, 16), (1, False, BF16, 1), (3, True, F16, 64),
+                          (8, True, BF16, 5), (2, False, F32, 16)]
+)
+def test_quant_matmul_gpu_layouts(layout, bits, zero, dtype, m):
+    """Every tile layout / dequant variant the benchmark A/B may adopt, compiled."""
+    gen = rng()
+    k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 512, bits=bits, group=128, zero=zero)
+    x = activations(gen, m, k_pad, dtype)
+    _poison()
+    cfg = qgpu.TritonConfig(**layout)
+    got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
+    want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"gpu layout {layout} bits={bits}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:3], ids=["reshape", "join"])
+def test_sign_and_multitenant_gpu_swap_ab(layout, monkeypatch):
+    """The adopted swap-AB default also drives sign_matmul and the multi-tenant forms."""
+    from pallas_kernels import _triton as tr
+
+    monkeypatch.setattr(tr, "DEFAULT_SWAP_AB", True)
+    monkeypatch.setattr(tr, "DEFAULT_UNPACK", layout["unpack"])
+    gen = rng()
+    x = activations(gen, 16, 512, BF16)
+    words = jnp.asarray(gen.integers(0, 2**32, (512 // 32, 256), dtype="uint64"), jnp.uint32)
+    s = jnp.float32(0.03)
+    _poison()
+    got = sign_matmul(x, words, s, implementation="pallas_gpu")
+    want = sign_matmul(x, words, s, implementation="xla")
+    assert_close(got, want, dtype=BF16, what="gpu sign swap-ab")
+    _, planes, scale, _, _ = packed_operand(gen, 512, 256, bits=4, group=128, tenants=3)
+    tids = tenant_ids(gen, 16, 3)
+    _poison()
+    got = quant_matmul_multitenant(x, tids, planes, scale, bits=4, group=128,
+                                   implementation="pallas_gpu")
+    want = quant_matmul_multitenant(x, tids, planes, scale, bits=4, group=128,
+                                    implementation="xla")
+    assert_close(got, want, dtype=BF16, what="gpu MT swap-ab")
+
+
+
+@pytest.mark.parametrize("m,dtype", [(1, BF16), (16, BF16), (40, F16), (16, F32)])
+def test_stored_delta_multitenant_gpu(m, dtype):
+    """Delta-CoMe-layout bands (V, U both packed along their own K; odd ranks), compiled."""
+    from pallas_kernels.lowrank_delta_matmul import stored_gpu as sg
+
+    gen = rng()
+    num_t, d_in, d_out = 4, 1024, 512
+    bands = []
+    for bits, r, zero in [(8, 2, True), (3, 32, False), (2, 100, True)]:
+        _, vp, vs, vz, _ = packed_operand(gen, d_in, r, bits=bits, group=128, zero=zero,
+                                          tenants=num_t)
+        _, up, us, uz, _ = packed_operand(gen, d_out, r, bits=bits, group=128, zero=zero,
+                                          tenants=num_t)
+        s = jnp.asarray(gen.uniform(0.5, 2.0, (num_t, r)), jnp.float32)
+        bands.append(sg.StoredBand(v_planes=vp, v_scale=vs, v_zero=vz, u_planes=up, u_scale=us,
+                                   u_zero=uz, s=s, v_bits=bits, v_group=128, u_bits=bits,
+                                   u_group=128, n=d_out))
+    bands = tuple(bands)
+    x = activations(gen, m, d_in, dtype)
+    ids = tenant_ids(gen, m, num_t)
+    yb = activations(gen, m, d_out, dtype)
+    _poison()
+    got = jax.jit(sg.stored_delta_multitenant)(x, ids, bands, y_base=yb)
+    want = sg.reference(x, ids, bands, y_base=yb)
+    assert_close(got, want, dtype=dtype, what=f"gpu stored delta m={m} {dtype}")

@@ -257,3 +257,31 @@ def test_gpu_kernel_rowsum_dequant(bits, zero, dtype):
             interpret=True,
             config=pallas_gpu.TritonConfig(dequant="lut"),
         )
+
+
+@pytest.mark.parametrize(
+    "layout,bits,zero,dtype",
+    [
+        (dict(swap_ab=True, unpack="join", dequant="magic"), 3, True, jnp.float16),
+        (dict(swap_ab=True, unpack="reshape", dequant="affine"), 4, False, BF16),
+        (dict(swap_ab=False, dequant="magic"), 1, False, BF16),
+        (dict(swap_ab=True, unpack="join", dequant="magic"), 8, False, BF16),  # magic -> affine
+    ],
+)
+def test_gpu_kernel_layout_variants(layout, bits, zero, dtype):
+    """The A/B'd Triton layouts (weight-as-M tiles, tt.join unpack, OR+bitcast dequant)."""
+    gen = rng()
+    k_pad, planes, scale, z, _ = packed_operand(gen, 256, 32, bits=bits, group=128, zero=zero)
+    x = activations(gen, 5, k_pad, dtype)
+    cfg = pallas_gpu.TritonConfig(split_k=2, **layout)
+    with on_cpu():
+        got = pallas_gpu.quant_matmul(
+            x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
+        )
+        want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"layout {layout} bits={bits}")
+    with pytest.raises(ValueError, match="unpack must be"):
+        pallas_gpu.quant_matmul(
+            x, planes, scale, z, bits=bits, group=128, interpret=True,
+            config=pallas_gpu.TritonConfig(swap_ab=True, unpack="gather"),
+        )

@@ -2,8 +2,9 @@
 
 One launch per call: a grid of (N tiles, row tiles, split-K). Decode batches (1..64 rows) are a
 single row tile padded to a power of two >= 16 by masked loads (no pad op); split-K is the
-smallest that gives about 1.5 waves of programs over the SMs, and its f32 partials are summed by
-XLA (fused with the cast). Tile heuristics come from an H100 sweep (`benchmarks/kernels.md`).
+smallest that gives about 3.5 waves of programs over the SMs (`_triton.PACKED_WAVES`), and its
+f32 partials are summed by XLA (fused with the cast). Tile heuristics come from H100 and H200
+sweeps (`benchmarks/kernels.md`).
 
 Constraints (Triton needs power-of-two block sizes): N must have a power-of-two divisor >= 16,
 and a power-of-two K step >= 16 (>= 32/b for b-bit planes) must divide both K_pad and the group
@@ -70,7 +71,7 @@ def plan_single(
         raise ValueError(f"block_n={bn} does not divide N={n}")
     rows = row_programs if row_programs is not None else cdiv(m, bm)
     nb = k // bk
-    split = cfg.split_k or tr.split_for((n // bn) * rows, nb, sm_count())
+    split = cfg.split_k or tr.split_for((n // bn) * rows, nb, sm_count(), waves=tr.PACKED_WAVES)
     if nb % split:
         raise ValueError(f"split_k={split} does not divide the {nb} K steps")
     kpart = tr.KPart(x_index=0, x_offset=0, k=k, block_k=bk, packed=packed)
@@ -86,6 +87,8 @@ def plan_single(
         out_dtype=jnp.dtype(dtype).name,
         tenants=tenants,
         dequant=tr.dequant_mode(cfg),
+        swap_ab=tr.swap_ab(cfg, bm),
+        unpack=tr.unpack_mode(cfg),
     )
 
 
