@@ -25,7 +25,8 @@ PARTS = {
     "scale": "scales", "scales": "scales", "zero": "zeros", "zeros": "zeros",
     "s": "singular values", "u": "factors", "v": "factors",
     "values": "values", "key": "mask seeds", "mask": "masks", "g_idx": "g_idx",
-    "perm": "act-order permutations",
+    "perm": "act-order permutations", "bias": "output bias",
+    "choice": "group choice",
 }
 
 

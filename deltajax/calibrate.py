@@ -11,6 +11,15 @@ the sub-blocks [q,k,v] → [o] → [gate,up] → [down] are calibrated in order,
 recomputed with the already compressed sub-blocks; after the layer is done its outputs are
 recomputed with the compressed layer and become the next layer's inputs (GPTQ's sequential mode).
 
+Opt-in pooled statistics (``pool_size``, Bolaco's pooled covariance, arXiv 2405.10616,
+`Dereck0602/Bolaco` `lib/layerwrapper.py`): the windows are split in consecutive pools of
+``pool_size`` windows; ``LinearStats.pool_cov`` is the average over pools of the within-pool
+unbiased covariance of x and ``pool_mean`` the average of the pool means. They are reduced in one
+pass (a per-token weighted XᵀX plus per-pool sums; pool sizes come from the token mask up front).
+Without ``pool_size`` nothing is computed or stored for them (the default for every existing
+method: same results, memory and speed). Methods ask for them with a ``stats_pool_size``
+attribute (`sequential_compress` reads it).
+
 Weights used in the calibration forward: compressed projections are `base + decompress(delta)`,
 projections not yet compressed are the fine-tune's, other leaves (norms, embeddings) are what the
 compressed checkpoint will hold (`base + kept delta`, or the base when the rule drops them).
@@ -32,7 +41,7 @@ from tqdm.auto import tqdm
 
 from deltajax import data
 from deltajax import model as M
-from deltajax.delta import DeltaLeaf, compress_leaf, flatten, rule_for
+from deltajax.delta import DeltaLeaf, DeltaWeight, compress_leaf, flatten, rule_for
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -50,12 +59,17 @@ class LinearStats:
     """Statistics of one linear's inputs X (n tokens × k channels), reduced in fp32.
 
     hessian: (k, k) H = 2/n·XᵀX (GPTQ's); mean: (k,) E[x]; sq: (k,) E[x²]; count: () n.
+    Optional (only when captured with ``pool_size``; None otherwise): pool_cov (k, k) the average
+    over pools of windows of the within-pool unbiased covariance; pool_mean (k,) the average of
+    the pool means (Bolaco's pooled statistics).
     """
 
     hessian: jax.Array
     mean: jax.Array
     sq: jax.Array
     count: jax.Array
+    pool_cov: jax.Array | None = None
+    pool_mean: jax.Array | None = None
 
     @property
     def var(self) -> jax.Array:
@@ -93,6 +107,74 @@ def linear_stats(x: jax.Array, token_mask: jax.Array | None = None) -> LinearSta
     x3 = x.reshape(1, -1, x.shape[-1])
     m = jnp.ones(x3.shape[:2], bool) if token_mask is None else token_mask.reshape(1, -1)
     return finalize(_add_sums(_zero_sums(x.shape[-1]), x3, m))
+
+
+# ------------------------------------------------------------------- pooled statistics (opt-in)
+
+
+def pool_plan(token_mask, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pools of consecutive windows: (pool id per window (N,), real tokens per pool (P,)).
+
+    The last pool holds the remainder when N is not a multiple of `pool_size`.
+    """
+    if int(pool_size) < 1:
+        raise ValueError(f"pool_size must be a positive number of windows, got {pool_size}")
+    tm = np.asarray(token_mask, bool)
+    ids = np.arange(tm.shape[0]) // int(pool_size)
+    counts = np.bincount(ids, weights=tm.sum(1), minlength=int(ids.max()) + 1)
+    return ids.astype(np.int32), counts.astype(np.float64)
+
+
+def _pool_weights(pool_ids, counts) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window token weight 1/(P·(n_p−1)) and per-pool coefficient n_p/((n_p−1)·P).
+
+    Pools with fewer than 2 tokens have no covariance and are left out (P counts the others).
+    """
+    ok = counts >= 2
+    p_eff = max(int(ok.sum()), 1)
+    wpool = np.where(ok, 1.0 / (p_eff * np.maximum(counts - 1, 1)), 0.0)
+    coef = np.where(ok, counts / (np.maximum(counts - 1, 1) * p_eff), 0.0)
+    return wpool[pool_ids].astype(np.float32), coef.astype(np.float32)
+
+
+def _zero_pool_sums(k: int, num_pools: int):
+    return (jnp.zeros((k, k), jnp.float32), jnp.zeros((num_pools, k), jnp.float32))
+
+
+def _add_pool_sums(psums, x, tmask, pool_ids, wtok):
+    """Add a batch (b, t, k) to the pooled sums: Σ w_p·x xᵀ and per-pool Σ x."""
+    wxtx, s1p = psums
+    xf = x.astype(jnp.float32) * tmask[..., None].astype(jnp.float32)
+    ws = (wtok[:, None, None] * xf).reshape(-1, x.shape[-1])
+    s1p = s1p.at[pool_ids].add(xf.sum(1))
+    return (wxtx + jnp.matmul(ws.T, xf.reshape(-1, x.shape[-1]), precision=_HI), s1p)
+
+
+def _finalize_pooled(st: LinearStats, psums, counts, coef) -> LinearStats:
+    """Σ_pool = Σ_t w_t x xᵀ − Σ_p coef_p μ_p μ_pᵀ; μ_pool = mean over (non-empty) pools of μ_p."""
+    wxtx, s1p = psums
+    cnt = jnp.asarray(counts, jnp.float32)
+    mu = s1p / jnp.maximum(cnt, 1.0)[:, None]
+    c = jnp.asarray(coef, jnp.float32)
+    cov = wxtx - jnp.matmul(mu.T * c, mu, precision=_HI)
+    cov = 0.5 * (cov + cov.T)
+    used = (cnt >= 2).astype(jnp.float32)
+    pmean = (used[:, None] * mu).sum(0) / jnp.maximum(used.sum(), 1.0)
+    return st.replace(pool_cov=cov, pool_mean=pmean)
+
+
+def pooled_linear_stats(x: jax.Array, token_mask: jax.Array | None = None, *,
+                        pool_size: int = 32) -> LinearStats:
+    """`linear_stats` of inputs x (N windows, L, k) plus Bolaco's pooled statistics (tests)."""
+    if x.ndim != 3:
+        raise ValueError(f"pooled statistics need inputs (windows, tokens, k), got {x.shape}")
+    tm = jnp.ones(x.shape[:2], bool) if token_mask is None else jnp.asarray(token_mask, bool)
+    ids, counts = pool_plan(tm, pool_size)
+    wtok, coef = _pool_weights(ids, counts)
+    st = finalize(_add_sums(_zero_sums(x.shape[-1]), x, tm))
+    ps = _add_pool_sums(_zero_pool_sums(x.shape[-1], len(counts)), x, tm, jnp.asarray(ids),
+                        jnp.asarray(wtok))
+    return _finalize_pooled(st, ps, counts, coef)
 
 
 # ------------------------------------------------------------------------------ calibration data
@@ -134,6 +216,16 @@ def _all_tap_sums(cfg, lp, h, token_mask, sums, tap_list):
     return tuple(_add_sums(s, taps[t], token_mask) for s, t in zip(sums, tap_list))
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "tap_list"))
+def _all_tap_pool_sums(cfg, lp, h, token_mask, sums, psums, pool_ids, wtok, tap_list):
+    positions, amask = _masks(cfg, *h.shape[:2], token_mask)
+    taps: dict = {}
+    M.decoder_layer(cfg, lp, h, positions, amask, taps=taps)
+    return (tuple(_add_sums(s, taps[t], token_mask) for s, t in zip(sums, tap_list)),
+            tuple(_add_pool_sums(p, taps[t], token_mask, pool_ids, wtok)
+                  for p, t in zip(psums, tap_list)))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _layer_out(cfg, lp, h, token_mask):
     positions, amask = _masks(cfg, *h.shape[:2], token_mask)
@@ -146,15 +238,30 @@ def _batches(n: int, batch_size: int):
 
 
 def capture_layer_stats(cfg, lp, hidden, token_mask, *, taps: Sequence[str],
-                        batch_size: int = 8) -> dict[str, LinearStats]:
-    """{tap: LinearStats} of layer `lp`'s linear inputs over all windows of `hidden` (N, L, D)."""
+                        batch_size: int = 8, pool_size: int | None = None
+                        ) -> dict[str, LinearStats]:
+    """{tap: LinearStats} of layer `lp`'s linear inputs over all windows of `hidden` (N, L, D).
+
+    pool_size: also reduce Bolaco's pooled statistics over pools of this many windows
+    (`LinearStats.pool_cov` / `pool_mean`); None (default): not computed.
+    """
     n = hidden.shape[0]
     dims = {"qkv": cfg.hidden_size, "o": cfg.num_attention_heads * cfg.head_dim,
             "gate_up": cfg.hidden_size, "down": cfg.intermediate_size}
     sums = tuple(_zero_sums(dims[t]) for t in taps)
+    if pool_size is None:
+        for sl in _batches(n, batch_size):
+            sums = _all_tap_sums(cfg, lp, hidden[sl], token_mask[sl], sums, tuple(taps))
+        return {t: finalize(s) for t, s in zip(taps, sums)}
+    ids, counts = pool_plan(token_mask, pool_size)
+    wtok, coef = _pool_weights(ids, counts)
+    ids, wtok = jnp.asarray(ids), jnp.asarray(wtok)
+    psums = tuple(_zero_pool_sums(dims[t], len(counts)) for t in taps)
     for sl in _batches(n, batch_size):
-        sums = _all_tap_sums(cfg, lp, hidden[sl], token_mask[sl], sums, tuple(taps))
-    return {t: finalize(s) for t, s in zip(taps, sums)}
+        sums, psums = _all_tap_pool_sums(cfg, lp, hidden[sl], token_mask[sl], sums, psums,
+                                         ids[sl], wtok[sl], tuple(taps))
+    return {t: _finalize_pooled(finalize(s), p, counts, coef)
+            for t, s, p in zip(taps, sums, psums)}
 
 
 def layer_forward(cfg, lp, hidden, token_mask, *, batch_size: int = 8) -> jax.Array:
@@ -186,6 +293,15 @@ def _dense(base_w, leaf: DeltaLeaf):
     return (base_w.astype(jnp.float32) + leaf.decompress()).astype(base_w.dtype)
 
 
+def _calib_weight(base_w, leaf: DeltaLeaf):
+    """Weight of a compressed projection in the calibration forward: dense base + Δ̂, or, for a
+    container that cannot be merged into a bias-free weight (``method.mergeable`` False, e.g. an
+    output bias), the base with the delta applied on the fly."""
+    if getattr(leaf.method, "mergeable", True):
+        return _dense(base_w, leaf)
+    return DeltaWeight(base=base_w, delta=leaf)
+
+
 def sequential_compress(
     base: Mapping,
     finetuned: Mapping,
@@ -201,6 +317,7 @@ def sequential_compress(
     log: Callable[[str], None] | None = None,
     on_stats: Callable[[str, LinearStats], None] | None = None,
     deltas: Mapping | None = None,
+    pool_size: int | None = None,
 ) -> dict[str, DeltaLeaf]:
     """Compress the delta finetuned − base leaf by leaf, calibrating methods that need statistics.
 
@@ -216,6 +333,9 @@ def sequential_compress(
       on_stats: optional callback(name_prefix, stats) e.g. to keep statistics for analysis.
       deltas: the already extracted fp32 deltas (`delta.extract`), if the caller has them (else
         each leaf's delta is computed when it is compressed).
+      pool_size: also capture pooled statistics over pools of this many windows; default: the
+        ``stats_pool_size`` a calibrated rule's method asks for (None for most methods: not
+        computed).
 
     Returns {name: DeltaLeaf} for every leaf whose rule compresses it (like `compress_tree`).
     """
@@ -250,11 +370,18 @@ def sequential_compress(
     # the model the calibration runs: compressed where known, fine-tune elsewhere
     def current(name):
         if name in out:
-            return _dense(fb[name], out[name])
+            return _calib_weight(fb[name], out[name])
         # not yet compressed: the fine-tune; never compressed (no rule): the base, as in `merge`
         return ff[name] if name in cal_set else fb[name]
 
     cal_set = set(calibrated)
+    if pool_size is None:
+        asked = {getattr(rule_for(n, rules).method, "stats_pool_size", None) for n in calibrated}
+        asked.discard(None)
+        if len(asked) > 1:
+            raise ValueError(f"calibrated rules ask for different stats_pool_size {sorted(asked)}; "
+                             "pass pool_size= explicitly")
+        pool_size = asked.pop() if asked else None
     cur_top = jax.tree.map(lambda x: x, {k: v for k, v in finetuned.items() if k != "layers"})
     for name in fb:
         if not name.startswith("layers."):
@@ -275,11 +402,11 @@ def sequential_compress(
         if true_sequential:
             for tap, projs in groups:
                 st = capture_layer_stats(cfg, lp, hidden, tmask, taps=(tap,),
-                                         batch_size=batch_size)[tap]
+                                         batch_size=batch_size, pool_size=pool_size)[tap]
                 _compress_group(lp, prefix, projs, st, rules, delta_of, fb, out, key, on_stats)
         elif groups:
             stats = capture_layer_stats(cfg, lp, hidden, tmask, taps=[t for t, _ in groups],
-                                        batch_size=batch_size)
+                                        batch_size=batch_size, pool_size=pool_size)
             for tap, projs in groups:
                 _compress_group(lp, prefix, projs, stats[tap], rules, delta_of, fb, out, key,
                                 on_stats)
@@ -300,15 +427,17 @@ def _compress_group(lp, prefix, projs, st, rules, delta_of, fb, out, key, on_sta
         name = f"{prefix}{p}.weight"
         r = rule_for(name, rules)
         out[name] = compress_leaf(r.method, name, delta_of(name), key=key, stats=st)
-        _set(lp, f"{p}.weight", _dense(fb[name], out[name]))
+        _set(lp, f"{p}.weight", _calib_weight(fb[name], out[name]))
 
 
 def collect_stats(params: Mapping, cfg: M.ModelConfig, tokens, *, token_mask=None,
-                  batch_size: int = 8, progress: bool = False) -> dict[str, LinearStats]:
+                  batch_size: int = 8, progress: bool = False,
+                  pool_size: int | None = None) -> dict[str, LinearStats]:
     """Input statistics of every projection of `params` (run as is), keyed by weight name.
 
     Projections sharing an input (q/k/v, gate/up) share one `LinearStats`. Used to measure the
-    layer-output error of compressed deltas on held-out text (`eval.output_errors`).
+    layer-output error of compressed deltas on held-out text (`eval.output_errors`), and as
+    one-pass (not sequential) calibration statistics. pool_size: also Bolaco's pooled statistics.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     tmask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
@@ -318,7 +447,8 @@ def collect_stats(params: Mapping, cfg: M.ModelConfig, tokens, *, token_mask=Non
     for i in tqdm(range(cfg.num_hidden_layers), desc="statistics", unit="layer",
                   disable=not progress):
         lp = params["layers"][i]
-        st = capture_layer_stats(cfg, lp, hidden, tmask, taps=taps, batch_size=batch_size)
+        st = capture_layer_stats(cfg, lp, hidden, tmask, taps=taps, batch_size=batch_size,
+                                 pool_size=pool_size)
         for tap, projs in SUBBLOCKS:
             for p in projs:
                 out[f"layers.{i}.{p}.weight"] = st[tap]

@@ -281,7 +281,11 @@ def relative_errors(deltas, compressed: Mapping[str, DeltaLeaf]) -> dict[str, fl
 
 @jax.jit
 def _rel_err(d, leaf):
-    num = jnp.linalg.norm(d - leaf.decompress())
+    # an affine container (FeatureLowRank's pooled mode: a matrix + an output bias that cannot be
+    # merged) is compared by its matrix part; its decompress refuses to drop the bias silently
+    lin = getattr(leaf.method, "linear_part", None)
+    dh = lin(leaf.container) if lin is not None else leaf.decompress()
+    num = jnp.linalg.norm(d - dh)
     return num / jnp.maximum(jnp.linalg.norm(d), 1e-30)
 
 

@@ -25,6 +25,10 @@ CASES = {
     "dare": (dict(p=0.5), 1.05),
     "gptq": (dict(bits=4, group=32), 0.12),
     "deltacome": (dict(ratio=0.5, bands=((8, 16),), fill_bits=4), 0.75),
+    # data-free modes of the calibrated methods (their calibrated paths: their own test files)
+    "deltadq": (dict(ratio=0.5, bits=4), 0.2),
+    "dsnot": (dict(sparsity=0.5), 0.4),
+    "featlowrank": (dict(rank=48), 0.8),
 }
 
 
@@ -129,7 +133,8 @@ def _tiny():
     return cfg, base, ft
 
 
-@pytest.mark.parametrize("name", ["rtn", "lowrank", "bitdelta", "dare", "deltacome"])
+@pytest.mark.parametrize("name", ["rtn", "lowrank", "bitdelta", "dare", "deltacome", "deltadq",
+                                  "dsnot", "featlowrank"])
 def test_attached_logits_equal_merged_logits(name):
     cfg, base, ft = _tiny()
     d = delta.extract(base, ft)

@@ -6,6 +6,9 @@ from deltajax.methods.base import Method, QuantizedMatrix, quantize_rtn
 from deltajax.methods.bitdelta import BitDelta
 from deltajax.methods.dare import DARE
 from deltajax.methods.deltacome import DeltaCoMe
+from deltajax.methods.deltadq import DeltaDQ
+from deltajax.methods.dsnot import DSnoT
+from deltajax.methods.featlowrank import FeatureLowRank
 from deltajax.methods.gptq import GPTQ
 from deltajax.methods.keep import Keep
 from deltajax.methods.lowrank import LowRank
@@ -21,7 +24,8 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-for _cls in (Keep, RTN, LowRank, BitDelta, DARE, GPTQ, DeltaCoMe):
+for _cls in (Keep, RTN, LowRank, BitDelta, DARE, GPTQ, DeltaCoMe, FeatureLowRank, DSnoT,
+             DeltaDQ):
     register(_cls)
 
 
@@ -43,4 +47,4 @@ def method_from_config(cfg: dict) -> Method:
 
 __all__ = ["REGISTRY", "Method", "QuantizedMatrix", "make_method", "method_from_config",
            "quantize_rtn", "register", "Keep", "RTN", "LowRank", "BitDelta", "DARE", "GPTQ",
-           "DeltaCoMe"]
+           "DeltaCoMe", "FeatureLowRank", "DSnoT", "DeltaDQ"]
