@@ -390,7 +390,10 @@ def load_params_ckpt(
         dt = dtype if dtype is not None else stored_dtypes.get(name, meta.get("param_dtype"))
         if dt in (None, "mixed"):
             raise CheckpointError(ckpt_dir, [f"{META_FILE}: no dtype recorded for '{name}'"])
-        s = resolve_sharding(sharding, name, shape)
+        # no sharding: the default device (also for checkpoints saved from a sharded mesh,
+        # which orbax would otherwise try to restore onto their original topology)
+        s = resolve_sharding(sharding, name, shape) or jax.sharding.SingleDeviceSharding(
+            jax.local_devices()[0])
         abstract.append(jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=s))
     target = jax.tree_util.tree_unflatten(treedef, abstract)
     try:

@@ -264,7 +264,17 @@ def load_params(
     bar = tqdm(total=len(order), unit="tensor", desc=f"loading {hf_dir.name}", disable=not progress)
     with bar:
         for name in order:
-            arr = tensor_io.read_tensor(by_name[name])
+            ref = by_name[name]
+            sh = ckpt_lib.resolve_sharding(sharding, name, ref.shape)
+            if sh is not None and ref.torch_tensor is None:
+                # placed load: each device's slice is read from a memory map, never the whole
+                # tensor (multi-host: a host reads only its own devices' slices)
+                if name == "embed_tokens.weight" and tied_head is not None:
+                    _check_tied_head(hf_dir, tied_head, _memmap(ref))
+                loaded[name] = _place_sliced(ref, sh, out_dtype)
+                bar.update(1)
+                continue
+            arr = tensor_io.read_tensor(ref)
             if out_dtype is not None and arr.dtype != out_dtype:
                 arr = arr.astype(out_dtype)
             if name == "embed_tokens.weight" and tied_head is not None:
@@ -287,6 +297,22 @@ def _check_tied_head(hf_dir: Path, head: TensorRef, embed: np.ndarray) -> None:
                 "config.json to use the stored head, or remove it"
             ],
         )
+
+
+def _memmap(ref: TensorRef) -> np.ndarray:
+    """A read-only memory map of a safetensors tensor (its data is paged in only when read)."""
+    return np.memmap(ref.file, dtype=ref.dtype, mode="r", offset=ref.start, shape=ref.shape)
+
+
+def _place_sliced(ref: TensorRef, sharding: jax.sharding.Sharding, dtype) -> jax.Array:
+    """`make_array_from_callback` reading each addressable shard's slice from a memory map."""
+    mm = _memmap(ref)
+
+    def read(idx):
+        part = np.array(mm[idx])  # copies only this slice
+        return part if dtype is None or part.dtype == dtype else part.astype(dtype)
+
+    return jax.make_array_from_callback(tuple(ref.shape), sharding, read)
 
 
 def _place(arr: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:

@@ -26,11 +26,21 @@ def calibration_tokens(tok, config, n: int | None = None) -> np.ndarray:
     return toks
 
 
-def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print) -> dict:
-    """Compress the delta of loaded params; returns a dict of results."""
+def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print, mesh=None) -> dict:
+    """Compress the delta of loaded params; returns a dict of results.
+
+    With a `jax.sharding.Mesh` (`deltajax.sharding.make_mesh`), data-free methods distribute the
+    matrices over its devices (`sharded.compress_tree_sharded`) and calibrated methods run with
+    the calibration windows sharded over ``data`` (`sharded.sequential_compress_sharded`).
+    """
     config = _cfg_dict(config)
     method = method_from_config(config["method"])
     rules = delta.default_rules(method, keep_other=config.get("keep_other", True))
+    if method.name == "dsnot" and not config.get("refine_mlp", True):
+        # the original DSnoT's default: MLP projections keep their initial mask
+        from deltajax.methods import dsnot
+
+        rules = dsnot.rules(method, refine_mlp=False, keep_other=config.get("keep_other", True))
     t0 = time.perf_counter()
     deltas = delta.extract(base, ft)
     rep = delta.delta_report(deltas)
@@ -50,14 +60,23 @@ def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print) -> d
             seq_len=int(config.get("calib_seq_len", 256)))
         log(f"[compress] calibrating {method.name} on {toks.shape[0]} windows × {toks.shape[1]} "
             "tokens, layer by layer")
-        comp = calibrate.sequential_compress(
-            base, ft, cfg, toks, rules, key=key, deltas=deltas,
-            batch_size=int(config.get("calib_batch_size", 8)),
-            true_sequential=bool(config.get("true_sequential", True)))
+        kw = dict(key=key, deltas=deltas, batch_size=int(config.get("calib_batch_size", 8)),
+                  true_sequential=bool(config.get("true_sequential", True)))
+        if mesh is not None:
+            from deltajax import sharded
+
+            comp = sharded.sequential_compress_sharded(base, ft, cfg, toks, rules, mesh, **kw)
+        else:
+            comp = calibrate.sequential_compress(base, ft, cfg, toks, rules, **kw)
     else:
         if method.needs_stats:
             log(f"[compress] {method.name}: no calibration data (calib_windows=0), data-free mode")
-        comp = delta.compress_tree(deltas, rules, key=key)
+        if mesh is not None:
+            from deltajax import sharded
+
+            comp = sharded.compress_tree_sharded(deltas, rules, mesh, key=key)
+        else:
+            comp = delta.compress_tree(deltas, rules, key=key)
     t_compress = time.perf_counter() - t0
     distill_losses = None
     if isinstance(method, BitDelta) and int(config.get("distill_steps", 0)) > 0:
@@ -87,16 +106,32 @@ def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print) -> d
 
 
 def compress_pair(base_spec: str, ft_spec: str, config, *, out: str | None = None,
-                  overwrite: bool = False, log=print) -> dict:
-    """Load a base and a fine-tune, compress their delta, optionally save it to `out`."""
+                  overwrite: bool = False, log=print, mesh=None) -> dict:
+    """Load a base and a fine-tune, compress their delta, optionally save it to `out`.
+
+    With `mesh`, both models are loaded straight into their shards (`sharding.PARAM_RULES`) and
+    compressed on the mesh (see `compress_loaded`).
+    """
     if out is not None:
         from deltajax.checkpoint import check_destination
 
         check_destination(out, overwrite)  # fail before the expensive work
-    base, cfg, tok, _ = load_model(base_spec)
-    ft, ft_cfg, ft_tok, _ = load_model(ft_spec)
+    if mesh is None:
+        base, cfg, tok, _ = load_model(base_spec)
+        ft, ft_cfg, ft_tok, _ = load_model(ft_spec)
+    else:
+        from deltajax.sharding import load_model_sharded
+
+        base, cfg, tok, _ = load_model_sharded(base_spec, mesh)
+        ft, ft_cfg, ft_tok, _ = load_model_sharded(ft_spec, mesh)
     delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
-    res = compress_loaded(base, ft, cfg, config, tok=tok or ft_tok, log=log)
+    res = compress_loaded(base, ft, cfg, config, tok=tok or ft_tok, log=log, mesh=mesh)
+    if out is not None and jax.process_count() > 1:
+        # multi-host: every process needs the whole (small) compressed delta to write it
+        from jax.experimental import multihost_utils
+
+        res["compressed"] = {n: leaf.replace(container=multihost_utils.process_allgather(
+            leaf.container, tiled=True)) for n, leaf in res["compressed"].items()}
     if out is not None:
         res["out"] = delta_checkpoint.save_delta(
             res["compressed"], out, cfg=cfg, base_params=base, rules=res["rules"],

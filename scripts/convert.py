@@ -8,6 +8,12 @@ Example:
 
   python scripts/convert.py --hf_dir=/models/SmolLM2-135M-Instruct \
       --out=/ckpt/smollm2-135m --dtype=bfloat16
+
+  # tensor-parallel placement while loading: each tensor goes straight into its shards
+  # (deltajax.sharding.PARAM_RULES); 8 devices, or several hosts started the standard JAX way
+  # (run the same command on every host; see deltajax.sharding.maybe_initialize_distributed):
+  python scripts/convert.py --hf_dir=/models/Llama-2-70b-hf --out=/ckpt/llama2-70b \
+      --dtype=bfloat16 --mesh=data:1,model:8
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from deltajax import hf  # noqa: E402
+from deltajax import hf, sharding  # noqa: E402
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
@@ -27,6 +33,10 @@ _DTYPE = flags.DEFINE_enum(
     "dtype", None, ["float32", "bfloat16", "float16"], "Cast weights to this dtype (default: keep)."
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out directory.")
+_MESH = flags.DEFINE_string(
+    "mesh", None, "Device mesh, e.g. 'data:1,model:8' (axes data, model; the product must equal "
+    "the device count; one axis may be -1). Tensors are loaded straight into their shards. "
+    "Default: no mesh (one device).")
 
 
 def main(argv: list[str]) -> None:
@@ -41,8 +51,11 @@ def main(argv: list[str]) -> None:
 
 
 def _run() -> None:
+    mesh = sharding.mesh_from_flag(_MESH.value, tag="convert")
+    shard = None if mesh is None else sharding.param_sharding_fn(mesh)
     s = hf.convert_hf_to_checkpoint(
-        _HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value, progress=True
+        _HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value, progress=True,
+        sharding=shard,
     )
     c = s.config
     logging.info("config: %s", c)

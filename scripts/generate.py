@@ -16,6 +16,13 @@ prompt names its fine-tune with --tenant (default: prompt i uses delta i % T) an
 runs at once, each row applying its own delta (deltajax.multitenant). --chat applies the
 tokenizer's chat template (default: on when it has one). Prints every answer and tokens/s
 (compile time reported apart).
+
+--mesh=data:D,model:M: tensor parallelism over model (base by deltajax.sharding.PARAM_RULES,
+deltas laid out consistently, their kernels run per shard under shard_map), batch over data:
+  python scripts/generate.py --base=/ckpt/llama2-70b --delta=/tmp/d70 --mesh=data:1,model:8 \
+      --prompt="What is 12 * 7?"
+Multi-host: the same command on every host (jax.distributed.initialize() is called when the
+environment says so).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 import jax
 from absl import app, flags, logging
 
-from deltajax import delta, multitenant
+from deltajax import delta, multitenant, sharded, sharding
 from deltajax import generate as G
 from deltajax.models_io import describe, load_model
 
@@ -52,6 +59,11 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                   "Cast the base weights to this dtype after loading (default: keep).")
 flags.DEFINE_enum("implementation", "auto", ["auto", "xla", "pallas_gpu", "pallas_tpu"],
                   "Multi-tenant delta kernels.")
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:1,model:8' (product = device count; "
+                    "one axis may be -1). Default: no mesh (one device, today's behaviour).")
+flags.DEFINE_enum("mesh_kernels", "shard_map", ["shard_map", "gspmd"],
+                  "With --mesh and one delta: run delta kernels per shard (shard_map) or let "
+                  "GSPMD partition them.")
 
 
 def _split(values: list[str]) -> list[str]:
@@ -113,7 +125,11 @@ def main(argv):
     ids = tenant_ids(FLAGS.tenant, len(prompts), len(paths))
 
     t0 = time.perf_counter()
-    base, cfg, tok, src = load_model(FLAGS.base)
+    mesh = sharding.mesh_from_flag(FLAGS.mesh, tag="generate")
+    if mesh is not None:
+        base, cfg, tok, src = sharding.load_model_sharded(FLAGS.base, mesh)
+    else:
+        base, cfg, tok, src = load_model(FLAGS.base)
     if tok is None:
         raise SystemExit(f"error: {src} has no tokenizer files (tokenizer.json / "
                          "tokenizer_config.json); generation needs the checkpoint's tokenizer")
@@ -126,10 +142,17 @@ def main(argv):
         methods = sorted({v["method"]["name"] for v in m["leaves"].values()})
         print(f"[generate] delta {i}: {p} ({', '.join(methods)})")
 
+    if mesh is not None:
+        deltas = [sharding.shard_compressed(d, mesh) for d in deltas]
     if not deltas:
         params, tids = base, None
     elif len(deltas) == 1 and all(t == 0 for t in ids):
-        params, tids = delta.attach(base, deltas[0]), None
+        if mesh is not None:
+            params = sharded.attach_sharded(base, deltas[0], mesh, kernels=FLAGS.mesh_kernels)
+            print(f"[generate] delta kernels per shard: {sharded.kernel_coverage(params)}")
+        else:
+            params = delta.attach(base, deltas[0])
+        tids = None
     else:
         try:
             params = multitenant.attach(base, deltas, other=FLAGS.other,
