@@ -45,6 +45,15 @@ class WrongBaseError(ValueError):
     """A compressed delta was loaded onto a base model it was not made from."""
 
 
+def _to_host(x) -> np.ndarray:
+    """A numpy copy of `x`; an array sharded across hosts is all-gathered first (multi-host)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def fingerprint(params) -> str:
     """sha256 over each leaf's name, shape, dtype and a strided sample of its values."""
     h = hashlib.sha256()
@@ -53,7 +62,7 @@ def fingerprint(params) -> str:
         h.update(f"{name}:{tuple(w.shape)}:{jnp.dtype(w.dtype).name};".encode())
         flat = jnp.ravel(w)
         step = max(1, flat.shape[0] // 4096)
-        h.update(np.asarray(flat[::step].astype(jnp.float32)).tobytes())
+        h.update(_to_host(flat[::step].astype(jnp.float32)).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -64,7 +73,7 @@ def _key(s: str) -> str:
 def _container_arrays(leaf: DeltaLeaf) -> dict[str, np.ndarray]:
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(leaf.container)[0]:
-        out[_key(jax.tree_util.keystr(path))] = np.asarray(x)
+        out[_key(jax.tree_util.keystr(path))] = _to_host(x)
     return out
 
 
