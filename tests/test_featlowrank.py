@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_pair import tiny_pair
 
 from deltajax import accounting, calibrate, delta, delta_checkpoint
 from deltajax import model as M
@@ -56,21 +57,7 @@ def test_pooled_statistics_equal_direct_numpy():
         calibrate.pool_plan(mask, 0)
 
 
-def _tiny(seed=0):
-    cfg = M.ModelConfig(vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                        tie_word_embeddings=True)
-    base = M.init_params(cfg, jax.random.PRNGKey(seed), scale=0.1)
-    keys = iter(jax.random.split(jax.random.PRNGKey(seed + 7), 64))
-
-    def perturb(w):
-        if w.ndim != 2 or w.shape[0] == cfg.vocab_size:
-            return w
-        a = jax.random.normal(next(keys), (w.shape[0], 8))
-        b = jax.random.normal(next(keys), (8, w.shape[1]))
-        return w + 0.02 * a @ b / 8 + 0.002 * jax.random.normal(next(keys), w.shape)
-
-    return cfg, base, jax.tree.map(perturb, base)
+_tiny = tiny_pair
 
 
 def test_layer_capture_pooled_matches_taps_and_leaves_plain_capture_unchanged():
