@@ -27,6 +27,13 @@ Tile layout: `Program.swap_ab` computes the transposed tile `W_tile @ x_tileᵀ`
 MMA M dimension; codes unpacked along the minor axis by broadcast+reshape or a `tt.join` tree,
 `Program.unpack`). 1.2-1.6x slower than the default `x_tile @ W_tile` on an H200, so off by default.
 
+FMA tiles (`Program.fma`, decode batches of a few rows): no tensor-core dot at all. Each weight
+tile is dequantized to f32 and multiplied into the rows by broadcast FMAs, `Σ_k x[r, k] w[k, :]`
+(a GEMV per row). A tensor-core dot pads the batch to 16 rows, so at 1-4 rows it does 4-16x the
+useful multiplies and routes every dequantized tile through the MMA operand layout; the FMA form
+does one multiply-add per weight and row and needs no block_m >= 16. Rows are a power of two
+>= the batch (`FMA_MAX_ROWS` caps where the planner picks it by default).
+
 Grid: (column tiles over all column parts, row tiles | tenant work items, split-K). With split-K
 > 1 the output holds f32 partial sums `(S, M, N)` that the caller reduces (XLA fuses that reduce
 with the cast and with whatever consumes the result). Rows beyond M are masked on load and store,
@@ -40,6 +47,7 @@ skipped and leave their output rows unwritten (the caller masks them).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -56,7 +64,7 @@ from pallas_kernels._common import pow2_divisor, unsort_rows
 MAX_BLOCK_K = 128
 MAX_BLOCK_N = 128
 DEQUANT_MODES = ("rowsum", "affine", "magic")
-UNPACK_MODES = ("reshape", "join")
+UNPACK_MODES = ("reshape", "join", "split")
 # The dequant strategy used when a TritonConfig does not name one. H100 A/B (benchmarks/
 # kernels.md): "affine" took 0.54-0.94x the time of "rowsum" (geometric mean ~0.76x) on 7 shapes.
 DEFAULT_DEQUANT = "affine"
@@ -65,8 +73,19 @@ DEFAULT_DEQUANT = "affine"
 DEFAULT_SWAP_AB = False
 SWAP_AB_MAX_ROWS = 64
 DEFAULT_UNPACK = "reshape"
+# Single-operand programs (quant_matmul) at <= SPLIT_MAX_ROWS rows with 4- or 8-bit codes default
+# to "split" (H200, benchmarks/kernels.md: 4096x14336 w4 M=16 29.1 -> 24.0 us kernel-only, w8
+# 34.3 -> 28.7; 10-15% slower at 64 rows, no change at 1-2 bits, which fall back to "reshape").
+SPLIT_MAX_ROWS = 16
+SPLIT_BITS = (4, 8)
 # Largest unpacked (block_k, block_n) tile: bigger tiles spill registers with 4 warps.
 MAX_TILE_ELEMS = 128 * 256
+# FMA (no tensor-core dot) tiles for batches of at most FMA_MAX_ROWS rows (0: never by default;
+# a TritonConfig(fma=True) still asks for it). FMA_TILE_ELEMS caps block_m * block_k * block_n.
+FMA_MAX_ROWS = 1  # H200 A/B (benchmarks/kernels.md): FMA beats MMA tiles at 1 row only
+FMA_BLOCK_N = 128
+FMA_NUM_WARPS = 4
+FMA_TILE_ELEMS = 128 * 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +109,12 @@ class TritonConfig:
         fills the MMA's M dimension (decode batches are only 16 rows) and codes unpack along
         the tile's minor axis.
       unpack: with swap_ab, "reshape" (broadcast shifts + reshape) or "join" (a tree of
-        `jnp.stack(..., -1)`, i.e. `tt.join`, keeping each word's fields in one thread).
+        `jnp.stack(..., -1)`, i.e. `tt.join`, keeping each word's fields in one thread);
+        without, "reshape" or "split" (one dot per word field against strided activation
+        columns; one plane of >= 4 bits with >= 16 words per step, else "reshape").
+      fma: FMA tiles (no tensor-core dot; f32 multiply-adds per weight and row) for small
+        decode batches; block_m may then be any power of two >= 1. Default: batches of at most
+        `FMA_MAX_ROWS` rows.
     """
 
     block_m: int | None = None
@@ -102,6 +126,7 @@ class TritonConfig:
     dequant: str | None = None
     swap_ab: bool | None = None
     unpack: str | None = None
+    fma: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +178,7 @@ class Program:
     dequant: str = "rowsum"
     swap_ab: bool = False
     unpack: str = "reshape"
+    fma: bool = False
 
     @property
     def n_total(self) -> int:
@@ -289,12 +315,24 @@ def swap_ab(cfg: TritonConfig | None, m: int) -> bool:
     return DEFAULT_SWAP_AB and m <= SWAP_AB_MAX_ROWS
 
 
+def use_fma(cfg: TritonConfig | None, m: int) -> bool:
+    """Whether a program uses FMA tiles (no tensor-core dot); default by batch size."""
+    if cfg is not None and cfg.fma is not None:
+        return bool(cfg.fma)
+    return m <= FMA_MAX_ROWS
+
+
+def fma_block_m(m: int) -> int:
+    """Rows per FMA tile: the batch rounded up to a power of two."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
 def _unpack_minor(words: jax.Array, pb: int, mode: str) -> jax.Array:
     """(BN, R) words -> (BN, R * 32/pb) int32 codes along the minor axis (k = w*vpw + t)."""
     vpw = packing.WORD_BITS // pb
     bn, r = words.shape
     mask = (1 << pb) - 1
-    if mode == "reshape":
+    if mode in ("reshape", "split"):  # "split" has no transposed form: plain reshape
         shifts = (jnp.arange(vpw, dtype=jnp.int32) * pb).astype(words.dtype)
         q = (words[:, :, None] >> shifts[None, None, :]) & mask
         return q.reshape(bn, r * vpw).astype(jnp.int32)
@@ -324,6 +362,76 @@ def _unpack(words: jax.Array, pb: int) -> jax.Array:
     shifts = (jnp.arange(vpw, dtype=jnp.int32) * pb).astype(words.dtype)
     q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << pb) - 1)
     return q.reshape(r * vpw, bn).astype(jnp.int32)
+
+
+def _fma_planes(xb, words, pbits, bm: int, bk: int, bn: int) -> jax.Array:
+    """x (bm, bk) @ codes (bk, bn) by f32 multiply-adds, straight from the packed words.
+
+    Each plane's words (R, bn) expand to (R, vpw, bn) codes in place (field t of word w is
+    k = w*vpw + t) and x is reshaped to (bm, R, vpw) to match, so the weight tile is never
+    reshaped (a reshape of the code tile is a layout change through shared memory). Planes add
+    linearly: x @ (q_lo | q_hi << s) = x @ q_lo + 2^s x @ q_hi.
+    """
+    xf = xb.astype(jnp.float32)
+    d, shift = None, 0
+    for wp, pb in zip(words, pbits):
+        vpw = packing.WORD_BITS // pb
+        r = bk // vpw
+        sh = (jnp.arange(vpw, dtype=jnp.int32) * pb).astype(wp.dtype)
+        q3 = ((wp[:, None, :] >> sh[None, :, None]) & ((1 << pb) - 1)).astype(jnp.float32)
+        x3 = xf.reshape(bm, r, vpw)
+        part = jnp.sum(jnp.sum(x3[:, :, :, None] * q3[None], axis=2), axis=1)  # (bm, bn)
+        part = part if shift == 0 else part * float(2**shift)
+        d = part if d is None else d + part
+        shift += pb
+    return d
+
+
+def uses_split(prog: Program, kp: KPart) -> bool:
+    """Whether a packed K part runs as split dots (`TritonConfig.unpack="split"`): NK tiles, MMA,
+    affine dequant, one plane of >= 4 bits and >= 16 words per K step; else the reshape path."""
+    pk = kp.packed
+    if pk is None or prog.unpack != "split" or prog.swap_ab or prog.fma:
+        return False
+    pbits = packing.plane_bits(pk.bits)
+    return (
+        len(pbits) == 1 and prog.dequant == "affine"
+        and kp.block_k * pbits[0] // packing.WORD_BITS >= 16
+    )
+
+
+def split_permute(x: jax.Array, kp: KPart) -> jax.Array:
+    """Permutes x's columns of one K part so each K step reads field t's columns contiguously:
+    within every block_k block, position t*R + w holds column w*vpw + t (R = block_k / vpw)."""
+    vpw = packing.WORD_BITS // packing.plane_bits(kp.packed.bits)[0]
+    m = x.shape[0]
+    lo, hi = kp.x_offset, kp.x_offset + kp.k
+    part = x[:, lo:hi].reshape(m, kp.k // kp.block_k, kp.block_k // vpw, vpw)
+    part = jnp.swapaxes(part, 2, 3).reshape(m, kp.k)
+    return jnp.concatenate([x[:, :lo], part, x[:, hi:]], axis=1) if (lo or hi < x.shape[1]) else part
+
+
+def _split_dots(x_ref, wp, pb, z, c, row0, bm, k0, bk, row_mask) -> jax.Array:
+    """Σ_t x_t @ dequant(field t of the words): vpw dots of K = R = bk/vpw rows each.
+
+    x_ref holds activations permuted by `split_permute` (the step's field-t columns are
+    k0 + [t*R, (t+1)*R)), loaded per field (Triton has no value slicing), so they line up with the (R, bn) field tile as it sits in registers: the
+    code tile is never reshaped (a reshape is a layout change through shared memory).
+    """
+    vpw = packing.WORD_BITS // pb
+    r = bk // vpw
+    mask = (1 << pb) - 1
+    d = None
+    for t in range(vpw):
+        xt = _load_rows(x_ref, None, row0, bm, k0 + t * r, r, row_mask)
+        qt = ((wp >> (t * pb)) & mask).astype(jnp.int32)
+        if z is not None:
+            w = (qt.astype(jnp.float32) - z).astype(xt.dtype)
+        else:
+            w = (2 * qt - int(c)).astype(xt.dtype)
+        dt = jnp.dot(xt, w, precision=precision_for(xt), preferred_element_type=jnp.float32)
+        d = dt if d is None else d + dt
+    return d
 
 
 def _k_loop(kp: KPart, kidx: int, split, prog: Program, body, init):
@@ -361,13 +469,20 @@ def _packed_part(acc, kp, kidx, refs, x_ref, tenant, row0, row_mask, col0, bn, s
         v = ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
         return v.reshape(bn, 1) if swap else v
 
+    # "split": one dot per word field, against x columns that `run` permuted to match.
+    split_k_dots = uses_split(prog, kp)
+
     def body(kb, carry):
         xb = _load_rows(x_ref, None, row0, bm, kp.x_offset + kb * bk, bk, row_mask)
         q = None
         shift = 0
+        words = []
         for p_ref, pb in zip(planes, pbits):
             rows = bk * pb // packing.WORD_BITS
             wp = p_ref[_idx(tenant, pl.ds(kb * rows, rows), pl.ds(col0, bn))]
+            words.append(wp)
+            if prog.fma or split_k_dots:
+                continue  # FMA tiles / split dots never build the (bk, bn) code tile
             qp = _unpack_minor(wp.T, pb, prog.unpack) if swap else _unpack(wp, pb)
             q = qp if q is None else q | (qp << shift)
             shift += pb
@@ -384,7 +499,14 @@ def _packed_part(acc, kp, kidx, refs, x_ref, tenant, row0, row_mask, col0, bn, s
             xs = jnp.sum(xb.astype(jnp.float32), axis=1)
             return xs[None, :] if swap else xs[:, None]
 
-        if mode == "affine":
+        if split_k_dots:
+            d = _split_dots(x_ref, words[0], pbits[0], z, c, row0, bm,
+                            kp.x_offset + kb * bk, bk, row_mask)
+        elif prog.fma:
+            d = _fma_planes(xb, words, pbits, bm, bk, bn)  # x @ q, q = the raw codes
+            xs = jnp.sum(xb.astype(jnp.float32), axis=1)[:, None]
+            d = d - xs * z if z is not None else 2.0 * d - c * xs
+        elif mode == "affine":
             if z is not None:
                 w = (q.astype(jnp.float32) - z).astype(xb.dtype)
             else:
@@ -527,6 +649,18 @@ def run(prog: Program, xs, meta, operands, *, interpret: bool = False) -> jax.Ar
         out_shape = jax.ShapeDtypeStruct((prog.split_k, prog.m, n_total), jnp.float32)
     else:
         out_shape = jax.ShapeDtypeStruct((prog.m, n_total), jnp.dtype(prog.out_dtype))
+    xs = list(xs)
+    readers = collections.Counter(kp.x_index for cp in prog.colparts for kp in cp.kparts)
+    for cp in prog.colparts:
+        for kp in cp.kparts:
+            if uses_split(prog, kp):
+                if readers[kp.x_index] > 1:
+                    raise ValueError(
+                        'TritonConfig(unpack="split") permutes the activation columns: it needs '
+                        "programs where one K part reads each activation (quant_matmul, "
+                        "sign_matmul), not fused or banded ones"
+                    )
+                xs[kp.x_index] = split_permute(xs[kp.x_index], kp)
     args = [*xs, *(meta or ()), *operands]
     return pl.pallas_call(
         functools.partial(_kernel, prog=prog),

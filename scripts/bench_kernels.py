@@ -47,6 +47,7 @@ from pallas_kernels.lowrank_delta_matmul import (
 from pallas_kernels.lowrank_delta_matmul import pallas_gpu as lrgpu
 from pallas_kernels.quant_matmul import pallas_gpu as qgpu
 from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_multitenant
+from pallas_kernels.sign_matmul import pallas_gpu as sgpu
 from pallas_kernels.sign_matmul import sign_matmul, sign_matmul_multitenant
 
 FLAGS = flags.FLAGS
@@ -77,6 +78,14 @@ flags.DEFINE_list(
     "sections", ["quant", "sign", "lowrank", "multitenant"], "Which timing tables to run."
 )
 flags.DEFINE_integer("variants_budget_s", 200, "Seconds after which no new variant timing starts.")
+flags.DEFINE_bool(
+    "fma",
+    False,
+    "A/B FMA tiles (no tensor-core dot) against the MMA tiles for small decode batches; adopt "
+    "FMA_MAX_ROWS and the FMA tile from the result.",
+)
+flags.DEFINE_integer("fma_budget_s", 200, "Seconds after which no new FMA A/B timing starts.")
+flags.DEFINE_string("check_filter", "", "pytest -k expression for --check (default: every test).")
 
 GROUP = 128
 TARGET_BYTES = 160e6
@@ -317,6 +326,7 @@ def run_checks() -> list[str]:
             "gpu",
             "-p",
             "no:cacheprovider",
+            *(["-k", FLAGS.check_filter] if FLAGS.check_filter else []),
             os.path.join(os.path.dirname(__file__), "..", "tests", "test_kernels_gpu.py"),
         ]
     )
@@ -822,6 +832,114 @@ def variants(mk, bw):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- FMA tiles
+
+FMA_CONFIGS = [  # (name, TritonConfig fields) for the FMA tiles
+    ("FMA bn64 w4", dict(fma=True, block_n=64, num_warps=4)),
+    ("FMA bn128 w4", dict(fma=True, block_n=128, num_warps=4)),
+    ("FMA bn32 w2", dict(fma=True, block_n=32, num_warps=2)),
+    ("FMA bn64 w8", dict(fma=True, block_n=64, num_warps=8)),
+    ("FMA bn256 w8", dict(fma=True, block_n=256, num_warps=8)),
+]
+
+
+def fma_ab(mk, bw):
+    """MMA tiles (the default) vs FMA tiles for small batches; adopts FMA_MAX_ROWS and the tile."""
+    lines = [
+        "| K×N | M | bits | tiles | µs/layer | Pallas kernel µs | % roofline (kernel) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    log("\n## FMA tiles vs MMA tiles (quant_matmul)")
+    log(lines[0])
+    cases = [((4096, 14336), m, b) for m in (1, 16) for b in (4, 1)]
+    cases += [((4096, 14336), 2, 4), ((4096, 14336), 4, 4), ((4096, 14336), 64, 4)]
+    cases += [((4096, 14336), 1, 2), ((4096, 14336), 16, 8)]
+    cases += [((4096, 4096), 1, 4), ((4096, 4096), 16, 4), ((8192, 8192), 16, 4)]
+    if FLAGS.smoke:
+        cases = [((256, 128), 1, 4), ((256, 128), 4, 1)]
+    deadline = time.time() + FLAGS.fma_budget_s
+    res = {}  # (k, n, m, bits) -> {name: kernel-or-wall µs}
+    for (k, n), m, bits in cases:
+        if time.time() > deadline:
+            log("FMA budget spent; remaining cases skipped")
+            break
+        x = mk.x(m, k)
+        ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
+        roof = (packed_bytes(k, n, bits) + io_bytes(m, k, n)) / bw * 1e6
+        mma = [("MMA (default)", dict(fma=False)), ("MMA split", dict(fma=False, unpack="split"))]
+        for name, kw in mma + FMA_CONFIGS:
+            try:
+                t = time_layers(_qfn(qgpu.TritonConfig(**kw), bits), x, ws)
+            except Exception as e:
+                log(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            kt = prof("kernel")
+            res.setdefault((k, n, m, bits), {})[name] = kt or t
+            line = (
+                f"| {k}×{n} | {m} | {bits} | {name} | {t:.1f} | {fmt(kt)} | "
+                f"{fmt(None if not kt else 100 * roof / kt, '.0f')} |"
+            )
+            lines.append(line)
+            log(line)
+        del ws
+    # Adopt: the FMA tile with the lowest geometric-mean time over the cases it won or lost,
+    # and FMA_MAX_ROWS = the largest M at which it beats the MMA tiles in every case of that M.
+    names = [nm for nm, _ in FMA_CONFIGS]
+    full = [nm for nm in names if all(nm in r for r in res.values())] or names
+    best = min(full, key=lambda nm: sum(math.log(r.get(nm, 1e9)) for r in res.values()))
+    rows_ok = 0
+    for m in sorted({key[2] for key in res}):
+        at = [r for key, r in res.items() if key[2] == m and "MMA (default)" in r]
+        if at and all(r.get(best, 1e9) < r["MMA (default)"] for r in at) and rows_ok == m // 2:
+            rows_ok = m
+        elif at:
+            break
+    kw = dict(FMA_CONFIGS)[best]
+    tr.FMA_MAX_ROWS = rows_ok
+    tr.FMA_BLOCK_N = kw["block_n"]
+    tr.FMA_NUM_WARPS = kw["num_warps"]
+    jax.clear_caches()
+    lines.append(
+        f"\nadopted: FMA tile **{best}**, FMA tiles for batches of <= {rows_ok} rows "
+        f"(`_triton.FMA_MAX_ROWS={rows_ok}`, `FMA_BLOCK_N={tr.FMA_BLOCK_N}`, "
+        f"`FMA_NUM_WARPS={tr.FMA_NUM_WARPS}`; chosen by Pallas kernel time)"
+    )
+    log(lines[-1])
+    # Multi-tenant: one row per tenant (BitDelta-style serving) as per-row FMA work items.
+    lines += ["", "| op | T | M | tiles | µs/layer | Pallas kernel µs |", "|---|---|---|---|---|---|"]
+    num_t, k, n = (16, 4096, 4096) if not FLAGS.smoke else (4, 256, 128)
+    x = mk.x(16, k)
+    tids = jnp.arange(16, dtype=jnp.int32) % num_t
+    sws = [
+        (mk.words((num_t, k // 32, n)), jnp.full((num_t,), 0.01, jnp.float32))
+        for _ in range(copies(k * n / 8 * num_t))
+    ]
+    qws = [mk.packed(k, n, 4, (num_t,)) for _ in range(copies(packed_bytes(k, n, 4) * num_t))]
+    for name, cfg in [
+        ("MMA (default)", None),
+        ("FMA per-row bn64", qgpu.TritonConfig(fma=True, block_m=1, block_n=64)),
+        ("FMA per-row bn128 w8", qgpu.TritonConfig(fma=True, block_m=1, block_n=128, num_warps=8)),
+    ]:
+        for op, ws, f in [
+            ("sign w1", sws, lambda x, w, cfg=cfg: sgpu.sign_matmul_multitenant(
+                x, tids, w[0], w[1], config=cfg, interpret=FLAGS.smoke)),
+            ("quant w4", qws, lambda x, w, cfg=cfg: qgpu.quant_matmul_multitenant(
+                x, tids, w[0], w[1], None, bits=4, group=GROUP, config=cfg,
+                interpret=FLAGS.smoke)),
+        ]:
+            if time.time() > deadline + 60:
+                break
+            try:
+                t = time_layers(f, x, ws)
+            except Exception as e:
+                log(f"MT {op} {name} failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            lines.append(f"| {op} | {num_t} | 16 | {name} | {t:.1f} | {fmt(prof('kernel'))} |")
+            log(lines[-1])
+    del sws, qws
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -864,6 +982,12 @@ def main(argv):
     if FLAGS.variants:
         try:
             REPORT["tables"]["variants"] = "## Triton layout variants\n\n" + variants(mk, bw)
+        except Exception:
+            log(traceback.format_exc())
+        write_report()
+    if FLAGS.fma:
+        try:
+            REPORT["tables"]["fma"] = "## FMA tiles for small batches\n\n" + fma_ab(mk, bw)
         except Exception:
             log(traceback.format_exc())
         write_report()

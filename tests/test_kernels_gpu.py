@@ -214,3 +214,59 @@ def test_stored_delta_multitenant_gpu(m, dtype):
     got = jax.jit(sg.stored_delta_multitenant)(x, ids, bands, y_base=yb)
     want = sg.reference(x, ids, bands, y_base=yb)
     assert_close(got, want, dtype=dtype, what=f"gpu stored delta m={m} {dtype}")
+
+
+@pytest.mark.parametrize("bits,m,zero,dtype", [(1, 1, False, BF16), (2, 2, True, BF16),
+                                               (3, 4, False, F32), (4, 1, True, F16),
+                                               (4, 8, False, BF16), (8, 16, True, BF16)])
+@pytest.mark.parametrize("block_n,warps", [(64, 4), (256, 8)])
+def test_quant_matmul_gpu_fma_tiles(bits, m, zero, dtype, block_n, warps):
+    """FMA tiles (no tensor-core dot) compiled, incl. split-K and SmolLM2-like odd N."""
+    gen = rng()
+    k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 768, bits=bits, group=128, zero=zero)
+    x = activations(gen, m, k_pad, dtype)
+    cfg = qgpu.TritonConfig(fma=True, block_n=block_n, num_warps=warps)
+    _poison()
+    got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
+    want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"gpu fma bits={bits} m={m} bn={block_n}")
+
+
+@pytest.mark.parametrize("op", ["sign", "quant"])
+def test_multitenant_gpu_fma_rows(op):
+    """Per-row FMA work items (block_m=1) for one-token-per-tenant serving, compiled."""
+    from pallas_kernels.sign_matmul import pallas_gpu as sgpu
+
+    gen = rng()
+    num_t, k, n, m = 4, 1024, 512, 16
+    x = activations(gen, m, k, BF16)
+    ids = tenant_ids(gen, m, num_t)
+    cfg = qgpu.TritonConfig(fma=True, block_m=1, block_n=64)
+    _poison()
+    if op == "sign":
+        _, (words,), _, _, _ = packed_operand(gen, k, n, bits=1, group=32, tenants=num_t)
+        sc = jnp.asarray(gen.uniform(0.01, 0.1, num_t), F32)
+        got = sgpu.sign_matmul_multitenant(x, ids, words, sc, config=cfg)
+        want = sign_matmul_multitenant(x, ids, words, sc, implementation="xla")
+    else:
+        _, planes, scale, _, _ = packed_operand(gen, k, n, bits=4, group=128, tenants=num_t)
+        got = qgpu.quant_matmul_multitenant(x, ids, planes, scale, None, bits=4, group=128,
+                                            config=cfg)
+        want = quant_matmul_multitenant(x, ids, planes, scale, bits=4, group=128,
+                                        implementation="xla")
+    assert_close(got, want, dtype=BF16, what=f"gpu MT fma {op}")
+
+
+@pytest.mark.parametrize("bits,m,zero,dtype", [(4, 1, False, BF16), (4, 16, True, BF16),
+                                               (8, 64, False, F16), (4, 200, False, F32),
+                                               (2, 16, False, BF16)])
+def test_quant_matmul_gpu_split_dots(bits, m, zero, dtype):
+    """NK tiles with one dot per word field (x columns permuted outside), compiled."""
+    gen = rng()
+    k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 768, bits=bits, group=128, zero=zero)
+    x = activations(gen, m, k_pad, dtype)
+    cfg = qgpu.TritonConfig(unpack="split", dequant="affine")
+    _poison()
+    got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
+    want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"gpu split bits={bits} m={m}")

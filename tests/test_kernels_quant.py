@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from kernels_helpers import activations, assert_close, on_cpu, packed_operand, rng, tenant_ids
 
+from pallas_kernels import _triton as tr
 from pallas_kernels.quant_matmul import (
     pallas_gpu,
     pallas_tpu,
@@ -285,3 +286,64 @@ def test_gpu_kernel_layout_variants(layout, bits, zero, dtype):
             x, planes, scale, z, bits=bits, group=128, interpret=True,
             config=pallas_gpu.TritonConfig(swap_ab=True, unpack="gather"),
         )
+
+
+@pytest.mark.parametrize(
+    "bits,m,zero,dtype,block_m",
+    [(1, 1, False, BF16, None), (3, 3, True, F32, None), (4, 4, False, BF16, None),
+     (8, 2, True, BF16, None), (2, 5, False, F32, 8), (4, 1, True, jnp.float16, 2)],
+)
+def test_gpu_kernel_fma_tiles(bits, m, zero, dtype, block_m):
+    """FMA tiles (no tensor-core dot) for small decode batches, incl. split-K and padded rows."""
+    gen = rng()
+    k, n = 576, 192  # SmolLM2-like: K pads to 640, N is not a power of two
+    k_pad, planes, scale, z, _ = packed_operand(gen, k, n, bits=bits, group=128, zero=zero)
+    x = activations(gen, m, k_pad, dtype)
+    cfg = pallas_gpu.TritonConfig(fma=True, block_m=block_m, split_k=5)
+    prog = pallas_gpu.plan_single(
+        m, k_pad, n, tr.Packed(bits=bits, group=128, has_zero=zero), dtype, cfg
+    )
+    assert prog.fma and not prog.swap_ab and prog.block_m == (block_m or max(1, 1 << (m - 1).bit_length()))
+    with on_cpu():
+        got = pallas_gpu.quant_matmul(
+            x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
+        )
+        want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"fma bits={bits} m={m}")
+
+
+def test_fma_default_threshold(monkeypatch):
+    """FMA_MAX_ROWS picks FMA tiles for small batches only; multi-tenant only when asked."""
+    monkeypatch.setattr(tr, "FMA_MAX_ROWS", 4)
+    pk = tr.Packed(bits=4, group=128)
+    assert pallas_gpu.plan_single(4, 4096, 4096, pk, BF16, None).fma
+    assert not pallas_gpu.plan_single(5, 4096, 4096, pk, BF16, None).fma
+    assert not pallas_gpu.plan_single(2, 4096, 4096, pk, BF16, None, tenants=True).fma
+    monkeypatch.setattr(tr, "FMA_MAX_ROWS", 0)
+    assert not pallas_gpu.plan_single(1, 4096, 4096, pk, BF16, None).fma
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        pallas_gpu.plan_single(1, 4096, 4096, pk, BF16, pallas_gpu.TritonConfig(block_m=4))
+    with pytest.raises(ValueError, match="no transposed form"):
+        gen = rng()
+        k_pad, planes, scale, z, _ = packed_operand(gen, 256, 32, bits=4, group=128)
+        with on_cpu():
+            pallas_gpu.quant_matmul(
+                activations(gen, 2, k_pad, BF16), planes, scale, z, bits=4, group=128,
+                interpret=True, config=pallas_gpu.TritonConfig(fma=True, swap_ab=True),
+            )
+
+
+@pytest.mark.parametrize("bits,zero,dtype,m", [(4, False, BF16, 3), (8, True, F32, 17),
+                                               (4, True, BF16, 1), (2, False, BF16, 5)])
+def test_gpu_kernel_split_dots(bits, zero, dtype, m):
+    """NK tiles with one dot per word field (strided x columns); 2-bit falls back to reshape."""
+    gen = rng()
+    k_pad, planes, scale, z, _ = packed_operand(gen, 576, 192, bits=bits, group=128, zero=zero)
+    x = activations(gen, m, k_pad, dtype)
+    cfg = pallas_gpu.TritonConfig(unpack="split", split_k=5, dequant="affine")
+    with on_cpu():
+        got = pallas_gpu.quant_matmul(
+            x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
+        )
+        want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
+    assert_close(got, want, dtype=dtype, what=f"split bits={bits} m={m}")

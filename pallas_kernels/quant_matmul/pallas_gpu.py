@@ -4,7 +4,8 @@ One launch per call: a grid of (N tiles, row tiles, split-K). Decode batches (1.
 single row tile padded to a power of two >= 16 by masked loads (no pad op); split-K is the
 smallest that gives about 3.5 waves of programs over the SMs (`_triton.PACKED_WAVES`), and its
 f32 partials are summed by XLA (fused with the cast). Tile heuristics come from H100 and H200
-sweeps (`benchmarks/kernels.md`).
+sweeps (`benchmarks/kernels.md`): one row takes FMA tiles (no tensor-core dot,
+`_triton.FMA_MAX_ROWS`), 2-16 rows of 4/8-bit codes take split dots (`_triton.SPLIT_MAX_ROWS`).
 
 Constraints (Triton needs power-of-two block sizes): N must have a power-of-two divisor >= 16,
 and a power-of-two K step >= 16 (>= 32/b for b-bit planes) must divide both K_pad and the group
@@ -39,11 +40,12 @@ def can_use(*, k_pad: int, n: int, bits: int, group: int, dtype, has_zero: bool 
     return reason(k_pad=k_pad, n=n, bits=bits, group=group, dtype=dtype, has_zero=has_zero) is None
 
 
-def _check_config(cfg: TritonConfig) -> None:
+def _check_config(cfg: TritonConfig, fma: bool = False) -> None:
     for name in ("block_m", "block_n", "block_k"):
         v = getattr(cfg, name)
-        if v is not None and (not is_pow2(v) or v < 16):
-            raise ValueError(f"TritonConfig.{name} must be a power of two >= 16, got {v}")
+        low = 1 if fma and name in ("block_m", "block_k") else 16
+        if v is not None and (not is_pow2(v) or v < low):
+            raise ValueError(f"TritonConfig.{name} must be a power of two >= {low}, got {v}")
 
 
 def plan_single(
@@ -60,15 +62,31 @@ def plan_single(
 ) -> tr.Program:
     """Program for one packed operand (quant_matmul / sign_matmul, single or multi-tenant)."""
     cfg = config or TritonConfig()
-    _check_config(cfg)
-    bm = cfg.block_m or tr.block_m_for(m)
-    bn = cfg.block_n or tr.block_n_heuristic(n, bm)
+    # Multi-tenant programs take FMA tiles only when asked (TritonConfig(fma=True, block_m=...)).
+    fma = tr.use_fma(cfg, m) if not tenants else bool(cfg.fma)
+    _check_config(cfg, fma)
+    if fma and cfg.swap_ab:
+        raise ValueError("FMA tiles have no transposed form (swap_ab)")
+    if fma:
+        bm = cfg.block_m or tr.fma_block_m(m)
+        bn = cfg.block_n or tr.pow2_divisor(n, tr.FMA_BLOCK_N)
+    else:
+        bm = cfg.block_m or tr.block_m_for(m)
+        bn = cfg.block_n or tr.block_n_heuristic(n, bm)
     if cfg.block_k:
         bk = tr.packed_block_k(k, packed, cfg.block_k)
+    elif fma:
+        cap = max(tr.min_block_k(packed.bits), tr.FMA_TILE_ELEMS // (bm * bn))
+        bk = tr.packed_block_k(k, packed, min(block_k_cap, cap))
     else:
         bk = tr.packed_block_k(k, packed, block_k_cap, block_n=bn)
     if n % bn:
         raise ValueError(f"block_n={bn} does not divide N={n}")
+    swap = False if fma else tr.swap_ab(cfg, bm)
+    unpack = tr.unpack_mode(cfg)
+    if (cfg.unpack is None and not swap and not fma and m <= tr.SPLIT_MAX_ROWS
+            and packed.bits in tr.SPLIT_BITS):
+        unpack = "split"  # one dot per word field (H200 A/B, see _triton.SPLIT_MAX_ROWS)
     rows = row_programs if row_programs is not None else cdiv(m, bm)
     nb = k // bk
     split = cfg.split_k or tr.split_for((n // bn) * rows, nb, sm_count(), waves=tr.PACKED_WAVES)
@@ -82,13 +100,14 @@ def plan_single(
         block_m=bm,
         row_programs=rows,
         split_k=split,
-        num_warps=cfg.num_warps or 4,
+        num_warps=cfg.num_warps or (tr.FMA_NUM_WARPS if fma else 4),
         num_stages=cfg.num_stages or 3,
         out_dtype=jnp.dtype(dtype).name,
         tenants=tenants,
         dequant=tr.dequant_mode(cfg),
-        swap_ab=tr.swap_ab(cfg, bm),
-        unpack=tr.unpack_mode(cfg),
+        swap_ab=swap,
+        unpack=unpack,
+        fma=fma,
     )
 
 

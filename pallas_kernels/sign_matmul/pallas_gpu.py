@@ -19,6 +19,10 @@ from pallas_kernels.quant_matmul.pallas_gpu import plan_single
 __all__ = ["TritonConfig", "can_use", "reason", "sign_matmul", "sign_matmul_multitenant"]
 
 SIGN_BLOCK_K = 256
+# Batches with at most one row per tenant on average run one FMA work item per row (no
+# tensor-core dot): H200, 16 tenants x 1 token, 4096x4096: 110.9 -> 82.9 us kernel-only
+# (benchmarks/kernels.md). The 4-bit quant form got slower that way, so only sign_matmul does it.
+PER_ROW_FMA = True
 
 
 def _packed(k_pad: int) -> tr.Packed:
@@ -66,7 +70,11 @@ def sign_matmul_multitenant(
     """Multi-tenant sign_matmul (segment-sorted); words (T, K_pad/32, N), scales (T,)."""
     m, k = x.shape
     num_t, n = words.shape[0], words.shape[-1]
-    cfg = config or TritonConfig()
+    cfg = config
+    if cfg is None and PER_ROW_FMA and m <= num_t:
+        # About one row per tenant (BitDelta-style serving): per-row FMA work items.
+        cfg = TritonConfig(fma=True, block_m=1, block_n=tr.pow2_divisor(n, 64))
+    cfg = cfg or TritonConfig()
     bm = cfg.block_m or tr.block_m_for(min(m, 64))
     order, meta, _, items = tenant_work_items(tenant_ids, num_t, bm)
     cfg = dataclasses.replace(cfg, block_m=bm)
