@@ -319,6 +319,8 @@ def use_fma(cfg: TritonConfig | None, m: int) -> bool:
     """Whether a program uses FMA tiles (no tensor-core dot); default by batch size."""
     if cfg is not None and cfg.fma is not None:
         return bool(cfg.fma)
+    if cfg is not None and cfg.swap_ab:
+        return False  # an explicit transposed tile is an MMA tile
     return m <= FMA_MAX_ROWS
 
 
