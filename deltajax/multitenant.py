@@ -18,9 +18,9 @@ matmul dispatches on the container type:
   gathers its activations in its own tenant's column order);
 * `DeltaCoMeDelta` (Delta-CoMe bands, V and U in the packed format, no act-order `perm`) ->
   `pallas_kernels.lowrank_delta_matmul.stored_gpu.stored_delta_multitenant` (two
-  segment-sorted Triton launches per band) with `implementation="pallas_gpu"`; "auto" picks it
-  on a GPU only once `stored_gpu.AUTO_ON_GPU` is set (not yet compiled on a device); otherwise,
-  or with a `perm`, the generic fallback;
+  segment-sorted Triton launches per band), picked by "auto" on a GPU (`stored_gpu.AUTO_ON_GPU`;
+  2.2x the tokens/s of the generic path in benchmarks/serving.md) and by "pallas_gpu"; with a
+  `perm`, the generic fallback;
 * anything else (LowRank, DARE, Keep, future methods) -> a generic fallback: every
   tenant's `method.matmul(x, container_t)` via `jax.vmap` over the stacked containers, then a
   per-row select. It does T times the delta work (and holds T delta outputs) for every row;

@@ -236,6 +236,12 @@ def main(argv):
                 print(f"{name} T={t} b={b}: {1e3 * st:.2f} ms/step, {mem:.1f} GiB, {note} "
                       f"(compile {c:.0f} s)", flush=True)
             del layers, top
+    from pallas_kernels.lowrank_delta_matmul import stored_gpu
+
+    on_gpu = dev.platform == "gpu"
+    stored_path = FLAGS.implementation == "pallas_gpu" or (
+        FLAGS.implementation == "auto" and on_gpu and stored_gpu.AUTO_ON_GPU
+    )
     lines = [
         "# Multi-tenant decode: one base + T compressed deltas in one batch",
         "",
@@ -247,8 +253,14 @@ def main(argv):
         f"decode step with a {FLAGS.cache_len}-token KV cache, median of {FLAGS.steps} steps; "
         "row i uses tenant i mod T; random codes/scales in the exact container structure",
         "- BitDelta: sign bits + one scale per matrix (sign_matmul_multitenant kernel). "
-        "Delta-CoMe α=1/16: bands of packed V/U factors (V through quant_matmul; the multi-tenant "
-        "path is the generic per-tenant fallback, T× the delta work)",
+        "Delta-CoMe α=1/16: bands of packed V/U factors, "
+        + (
+            "served by the stored-format multi-tenant kernels (stored_gpu, two segment-sorted "
+            "launches per band)"
+            if stored_path
+            else "served by the generic per-tenant fallback (T× the delta work)"
+        )
+        + f" (implementation={FLAGS.implementation!r})",
         "- target: 16 fine-tunes in a batch of 16 ≥ 70% of base-alone tokens/s with base + "
         "16 × 1/16 of its memory",
         "",
