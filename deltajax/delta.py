@@ -208,19 +208,11 @@ def compress_tree(
 
 
 @flax.struct.dataclass
-class DeltaWeight:
+class DeltaWeight(ops.BaseWeight):
     """A linear weight = dense base `(out, in)` + a compressed delta applied on the fly."""
 
     base: jax.Array
     delta: DeltaLeaf
-
-    @property
-    def shape(self):
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
 
     def apply(self, x: jax.Array) -> jax.Array:
         return ops.dense_matmul(x, self.base) + self.delta.matmul(x).astype(x.dtype)

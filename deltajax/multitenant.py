@@ -199,7 +199,7 @@ def multitenant_matmul(
 
 
 @flax.struct.dataclass
-class MultiTenantWeight:
+class MultiTenantWeight(ops.BaseWeight):
     """A linear weight `(out, in)` = shared base + the delta of each batch row's tenant.
 
     Implements `ops.LinearOperand`. `deltas` is the method's container with a leading tenant
@@ -214,14 +214,6 @@ class MultiTenantWeight:
     num_tenants: int = flax.struct.field(pytree_node=False)
     implementation: str = flax.struct.field(pytree_node=False, default="auto")
     interpret: bool = flax.struct.field(pytree_node=False, default=False)
-
-    @property
-    def shape(self):
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
 
     def apply(self, x: jax.Array) -> jax.Array:
         ids = _row_ids(self.tenant_ids, x, "MultiTenantWeight")

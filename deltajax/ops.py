@@ -25,6 +25,19 @@ class LinearOperand(Protocol):
     def apply(self, x: jax.Array) -> jax.Array: ...
 
 
+class BaseWeight:
+    """Mixin for `LinearOperand`s that wrap a dense base `(out, in)` in a field named `base`:
+    their shape and dtype are the base's."""
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+
 def _precision(dtype) -> jax.lax.Precision:
     # Full fp32 matmuls in fp32 (no TF32 on GPU); default (native) precision for bf16/fp16.
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT

@@ -245,21 +245,13 @@ def shard_map_delta_matmul(x: jax.Array, leaf: DeltaLeaf, kind: str, mesh: Mesh,
 
 
 @flax.struct.dataclass
-class ShardedDeltaWeight:
+class ShardedDeltaWeight(ops.BaseWeight):
     """A `DeltaWeight` whose delta matmul runs per shard under `shard_map` (a `LinearOperand`)."""
 
     base: jax.Array
     delta: DeltaLeaf
     kind: str = flax.struct.field(pytree_node=False)
     mesh: Mesh = flax.struct.field(pytree_node=False)
-
-    @property
-    def shape(self):
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
 
     def apply(self, x: jax.Array) -> jax.Array:
         y = shard_map_delta_matmul(x, self.delta, self.kind, self.mesh)

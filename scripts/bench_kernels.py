@@ -906,7 +906,8 @@ def fma_ab(mk, bw):
     )
     log(lines[-1])
     # Multi-tenant: one row per tenant (BitDelta-style serving) as per-row FMA work items.
-    lines += ["", "| op | T | M | tiles | µs/layer | Pallas kernel µs |", "|---|---|---|---|---|---|"]
+    lines += ["", "| op | T | M | tiles | µs/layer | Pallas kernel µs |",
+              "|---|---|---|---|---|---|"]
     num_t, k, n = (16, 4096, 4096) if not FLAGS.smoke else (4, 256, 128)
     x = mk.x(16, k)
     tids = jnp.arange(16, dtype=jnp.int32) % num_t

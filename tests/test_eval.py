@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_pair import perturb, tiny_base
 
 from deltajax import delta
 from deltajax import eval as E
@@ -48,16 +49,7 @@ def make_tokenizer(out_dir: Path | None = None):
 
 @pytest.fixture(scope="module")
 def base():
-    return jax.jit(M.init_params, static_argnames=("cfg", "scale"))(
-        cfg=CFG, key=jax.random.PRNGKey(0), scale=0.3)
-
-
-@jax.jit
-def _perturb(p, key):
-    leaves, treedef = jax.tree.flatten(p)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [w + 0.05 * jax.random.normal(k, w.shape)
-                                        for k, w in zip(keys, leaves)])
+    return tiny_base(CFG)
 
 
 def _problems(n, seed=0, lengths=(2, 5)):
@@ -114,7 +106,7 @@ def test_batched_accuracy_equals_per_example_loop(base):
     from deltajax import data as D
 
     tok = make_tokenizer()
-    params = _perturb(base, jax.random.PRNGKey(3))
+    params = perturb(base, jax.random.PRNGKey(3))
     ex = _problems(5)  # two prompt lengths: the shorter ones are left-padded in the batch
     # reference: one prompt at a time, no padding at all
     loop = []
@@ -159,7 +151,7 @@ def test_kl_zero_for_identical_and_matches_numpy(base):
     assert abs(same["kl"]) < 1e-6
     assert same["ppl"] == pytest.approx(E.perplexity(base, CFG, toks, batch_size=2,
                                                      progress=False)["ppl"], rel=1e-5)
-    ft = _perturb(base, jax.random.PRNGKey(1))
+    ft = perturb(base, jax.random.PRNGKey(1))
     cached = E.reference_logprobs(ft, CFG, toks, batch_size=2)
     got = E.nll_kl(base, CFG, toks, ref_logprobs=cached, batch_size=2)
     direct = E.nll_kl(base, CFG, toks, ref_params=ft, batch_size=2)
@@ -230,7 +222,7 @@ def test_plots_write_pngs(tmp_path):
 def test_script_end_to_end(base, tmp_path):
     from deltajax import delta_checkpoint, hf
 
-    ft = _perturb(base, jax.random.PRNGKey(7))
+    ft = perturb(base, jax.random.PRNGKey(7))
     bdir = hf.export_hf(base, CFG, tmp_path / "base")
     fdir = hf.export_hf(ft, CFG, tmp_path / "ft")
     make_tokenizer(bdir)
@@ -239,7 +231,7 @@ def test_script_end_to_end(base, tmp_path):
                                                                                 group=32)),
                                progress=False)
     saved = delta_checkpoint.save_delta(comp, tmp_path / "rtn4", cfg=CFG, base_params=base)
-    other = _perturb(base, jax.random.PRNGKey(9))
+    other = perturb(base, jax.random.PRNGKey(9))
     wrong = delta_checkpoint.save_delta(comp, tmp_path / "wrong", cfg=CFG, base_params=other)
     with pytest.raises(delta_checkpoint.WrongBaseError, match="different base"):
         E.load_compressed(wrong, base, CFG)

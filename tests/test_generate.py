@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_pair import perturb, tiny_base
 
 from deltajax import delta, multitenant
 from deltajax import generate as G
@@ -24,20 +25,11 @@ CFG = M.ModelConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hid
 
 @pytest.fixture(scope="module")
 def base():
-    return jax.jit(M.init_params, static_argnames=("cfg", "scale"))(
-        cfg=CFG, key=jax.random.PRNGKey(0), scale=0.3)
-
-
-@jax.jit
-def _perturb(p, key):
-    leaves, treedef = jax.tree.flatten(p)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [w + 0.05 * jax.random.normal(k, w.shape)
-                                        for k, w in zip(keys, leaves)])
+    return tiny_base(CFG)
 
 
 def _comp(base, method, seed=1, keep_other=True):
-    ft = _perturb(base, jax.random.PRNGKey(seed))
+    ft = perturb(base, jax.random.PRNGKey(seed))
     return delta.compress_tree(delta.extract(base, ft),
                                delta.default_rules(method, keep_other=keep_other), progress=False)
 

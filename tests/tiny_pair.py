@@ -23,3 +23,18 @@ def tiny_pair(seed=0):
         return w + 0.02 * a @ b / 8 + 0.002 * jax.random.normal(next(keys), w.shape)
 
     return cfg, base, jax.tree.map(perturb, base)
+
+
+def tiny_base(cfg, seed=0, scale=0.3):
+    """Random base params for `cfg` (jitted init)."""
+    return jax.jit(M.init_params, static_argnames=("cfg", "scale"))(
+        cfg=cfg, key=jax.random.PRNGKey(seed), scale=scale)
+
+
+@jax.jit
+def perturb(p, key):
+    """A dense "fine-tune": every leaf + 0.05 * N(0, 1)."""
+    leaves, treedef = jax.tree.flatten(p)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [w + 0.05 * jax.random.normal(k, w.shape)
+                                        for k, w in zip(keys, leaves)])
