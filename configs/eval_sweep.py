@@ -1,4 +1,6 @@
-"""The methods comparison of benchmarks/quality.md: every method at 1/8, 1/16 and 1/32.
+"""The methods comparison of benchmarks/quality.md: every method at 1/8, 1/16 and 1/32, and the
+methods that can store that little at 1/64 and 1/128 (DeltaDQ, Delta-CoMe, LowRank,
+FeatLowRank, DARE; BitDelta and RTN/GPTQ stop at 1 bit, DSnoT's stored mask at 1/32).
 
 `get_config()` returns a list of (label, method dict, options) rows for `scripts/eval.py
 --sweep=configs/eval_sweep.py` (and `scripts/bench_quality.py`). Options: `target` (the nominal
@@ -52,6 +54,17 @@ def get_config():
              {"target": t}),
             (f"DeltaDQ α={t}", {"name": "deltadq", "ratio": a}, {"target": t}),
         ]
-    rows += [(f"DeltaDQ α=1/{inv}", {"name": "deltadq", "ratio": 1 / inv}, {"target": f"1/{inv}"})
-             for inv in (64, 128)]
+    # DeltaDQ's code width: 1 bit (the default) vs 2 bits at the same true ratio.
+    rows += [(f"DeltaDQ α=1/{inv} 2-bit", {"name": "deltadq", "ratio": 1 / inv, "bits": 2},
+              {"target": f"1/{inv}"}) for inv in (16, 32)]
+    # Extreme ratios (where 1/16 saturates): every method that can store that little.
+    for inv in (64, 128):
+        a, t = 1 / inv, f"1/{inv}"
+        rows += [
+            (f"DeltaDQ α={t}", {"name": "deltadq", "ratio": a}, {"target": t}),
+            (f"Delta-CoMe α={t}", {"name": "deltacome", "ratio": a}, {"target": t}),
+            (f"LowRank α={t}", {"name": "lowrank", "ratio": a}, {"target": t}),
+            (f"FeatLowRank α={t}", {"name": "featlowrank", "ratio": a}, {"target": t}),
+            (f"DARE p={1 - a:.4g}", {"name": "dare", "p": 1 - a}, {"target": t}),
+        ]
     return rows

@@ -4,10 +4,12 @@ r"""Regenerate benchmarks/quality.md: every method of configs/eval_sweep.py on t
 
 A thin wrapper of the harness: it is `scripts/eval.py --sweep=configs/eval_sweep.py
 --out=benchmarks/quality.md` (JSON `benchmarks/quality.json` and the PNG plots beside it), and
-takes every flag of scripts/eval.py (`--help`), e.g. `--only=Delta-CoMe`, `--gsm8k_problems=64`
-for a shorter CPU run, `--resume` to fill in missing rows. The fine-tune is built by
-`scripts/finetune.py --base=smollm2 --out=~/.cache/deltajax/smollm2-gsm8k-ft --steps=150
---batch_size=4 --seq_len=192`.
+takes every flag of scripts/eval.py (`--help`), e.g. `--only=Delta-CoMe`, `--gsm8k_problems=0`
+for a CPU run (greedy GSM8K generation is the slow part: 400 problems took > 20 min per row on a
+2-core CPU; benchmarks/quality.md was made that way, ~2.5 min per row), `--resume` to fill in
+missing rows. The fine-tune is built by `scripts/finetune.py --base=smollm2
+--out=~/.cache/deltajax/smollm2-gsm8k-ft --steps=60 --batch_size=4 --seq_len=192 --lr=1e-4
+--warmup_steps=6` (~15 min on a 2-core CPU).
 """
 
 from __future__ import annotations
