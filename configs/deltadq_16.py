@@ -1,6 +1,6 @@
-"""DeltaDQ at 1/16 of a 16-bit delta: group-wise dropout (searched group size) + 1-bit codes.
+"""DeltaDQ at 1/16 of a 16-bit delta: group-wise dropout (searched group size) + 2-bit codes.
 
-The drop rate is derived per matrix shape so that the TRUE stored bytes (packed 1-bit codes incl.
+The drop rate is derived per matrix shape so that the TRUE stored bytes (packed 2-bit codes incl.
 padding, a bf16 scale per 64 kept values, the 8-byte mask seed, the 1-byte group choice) fit
 1/16 of the bf16 delta. The group size (powers of two dividing d_in, or the whole row) is chosen
 per matrix by the layer-output error on calibration windows of the GSM8K train split;
@@ -14,7 +14,7 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.method = ml_collections.ConfigDict({
-        "name": "deltadq", "ratio": 1 / 16, "bits": 1, "qgroup": 64, "sym": False, "group": 0,
+        "name": "deltadq", "ratio": 1 / 16, "bits": 2, "qgroup": 64, "sym": False, "group": 0,
         "min_group": 4, "max_group": 1024, "scale_dtype": "bfloat16",
     })
     c.keep_other = True  # embeddings, lm_head, norms keep a bf16 delta (False: dropped)

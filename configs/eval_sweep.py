@@ -52,16 +52,16 @@ def get_config():
             (f"DARE p={1 - a:.4g}", {"name": "dare", "p": 1 - a}, {"target": t}),
             (f"DSnoT keep {a / 2:.4g}", {"name": "dsnot", "sparsity": 1 - a / 2},
              {"target": t}),
-            (f"DeltaDQ α={t}", {"name": "deltadq", "ratio": a}, {"target": t}),
+            (f"DeltaDQ α={t} 1-bit", {"name": "deltadq", "ratio": a, "bits": 1}, {"target": t}),
         ]
-    # DeltaDQ's code width: 1 bit (the default) vs 2 bits at the same true ratio.
+    # DeltaDQ's code width: 2 bits (the default since this sweep) vs 1 bit at the same true ratio.
     rows += [(f"DeltaDQ α=1/{inv} 2-bit", {"name": "deltadq", "ratio": 1 / inv, "bits": 2},
               {"target": f"1/{inv}"}) for inv in (16, 32)]
     # Extreme ratios (where 1/16 saturates): every method that can store that little.
     for inv in (64, 128):
         a, t = 1 / inv, f"1/{inv}"
         rows += [
-            (f"DeltaDQ α={t}", {"name": "deltadq", "ratio": a}, {"target": t}),
+            (f"DeltaDQ α={t} 1-bit", {"name": "deltadq", "ratio": a, "bits": 1}, {"target": t}),
             (f"Delta-CoMe α={t}", {"name": "deltacome", "ratio": a}, {"target": t}),
             (f"LowRank α={t}", {"name": "lowrank", "ratio": a}, {"target": t}),
             (f"FeatLowRank α={t}", {"name": "featlowrank", "ratio": a}, {"target": t}),

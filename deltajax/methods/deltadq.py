@@ -31,10 +31,11 @@ like `methods/dare.py` (§7.1):
    Where we differ: the paper's decomposition "into parts by value range, each with fewer bits"
    saves bits only when each part stores its own positions explicitly; with positions regenerated
    from a seed, the part id of each entry would have to be stored (log2 m bits), exactly the bits
-   saved, so the parts here are bit planes of one code. Default `bits=1`: at a fixed byte budget
-   fewer bits keep more entries, and dropout variance ((1−π)/π·‖Δ‖²) dominates quantization
-   error; on SmolLM2 deltas at 16× (64×) the Frobenius error of 1/2/3/4 bits was 0.71/1.40/1.62/
-   1.89 (1.73/3.31/3.68/4.21) of ‖Δ‖, DARE's 3.87 (7.91).
+   saved, so the parts here are bit planes of one code. Default `bits=2`: 1-bit codes keep more
+   entries and have the lower Frobenius error (SmolLM2 deltas at 16×: 0.71/1.40/1.62/1.89 of ‖Δ‖
+   for 1/2/3/4 bits, DARE 3.87), but they are signs times a scale, a systematic error that
+   compounds through the layers: logit KL to the fine-tune on held-out text at 16× (32×) was
+   1.9e-2 (2.0e-2) with 1 bit against 4.2e-4 (9.7e-4) with 2 bits (benchmarks/quality.md).
 4. **Ratio-driven configuration and accounting.** A user asks for `ratio` (stored bytes /
    16-bit delta) and `bits`; K (hence p = 1 − K/d_in) is the largest count whose TRUE stored bytes
    — packed code words incl. padding, bf16 scales (+ zeros), the 8-byte PRNG key and the 1-byte
@@ -145,7 +146,7 @@ class DeltaDQ(Method):
     budget: ClassVar[str] = "true"  # the ratio counts every stored byte (for reports)
 
     ratio: float = 1 / 16
-    bits: int = 1  # measured best on SmolLM2 deltas at 16x-64x (see benchmarks/deltadq.md)
+    bits: int = 2  # lowest logit KL on the SmolLM2 pair at 16x/32x (benchmarks/quality.md)
     qgroup: int = 64
     sym: bool = False
     group: int = 0  # 0: search the candidates; > 0: this fixed group size
