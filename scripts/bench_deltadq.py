@@ -32,7 +32,7 @@ flags.DEFINE_string("base", "smollm2", "Base model (name or HF directory).")
 flags.DEFINE_string("finetuned", None, "Fine-tuned model (HF directory).", required=True)
 flags.DEFINE_string("out", "benchmarks/deltadq.md", "Markdown output.")
 flags.DEFINE_list("ratios", ["16", "32", "64", "128"], "Compression ratios vs a 16-bit delta.")
-flags.DEFINE_integer("bits", 1, "DeltaDQ bits per kept value.")
+flags.DEFINE_integer("bits", 2, "DeltaDQ bits per kept value (the method default).")
 flags.DEFINE_integer("qgroup", 64, "DeltaDQ quantization group (kept values per scale).")
 flags.DEFINE_list("methods", ["deltadq", "dare"], "Methods to run: deltadq, deltadq_free "
                   "(data-free group search), dare.")
