@@ -228,7 +228,7 @@ class MultiTenantWeight(ops.BaseWeight):
 
 
 @flax.struct.dataclass
-class TenantVector:
+class TenantVector(ops.BaseWeight):
     """A 1-D leaf (norm weight, bias) plus each batch row's tenant delta ("per_row" mode).
 
     The model only ever calls `.astype(dtype)` on such leaves (`ops.rms_norm`, the bias in
@@ -240,14 +240,6 @@ class TenantVector:
     base: jax.Array  # (d,)
     deltas: jax.Array  # (T, d) fp32 decompressed deltas
     tenant_ids: jax.Array  # (batch,)
-
-    @property
-    def shape(self):
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
 
     @property
     def ndim(self):
