@@ -45,7 +45,9 @@ from pallas_kernels.lowrank_delta_matmul import (
     lowrank_delta_matmul_multitenant,
 )
 from pallas_kernels.lowrank_delta_matmul import pallas_gpu as lrgpu
+from pallas_kernels.quant_matmul import mosaic_gpu as qmg
 from pallas_kernels.quant_matmul import pallas_gpu as qgpu
+from pallas_kernels.quant_matmul import reference as qref
 from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_multitenant
 from pallas_kernels.sign_matmul import pallas_gpu as sgpu
 from pallas_kernels.sign_matmul import sign_matmul, sign_matmul_multitenant
@@ -85,6 +87,12 @@ flags.DEFINE_bool(
     "FMA_MAX_ROWS and the FMA tile from the result.",
 )
 flags.DEFINE_integer("fma_budget_s", 200, "Seconds after which no new FMA A/B timing starts.")
+flags.DEFINE_bool(
+    "mosaic", False,
+    "A/B the Mosaic GPU (wgmma) quant_matmul against the Triton kernel: device check, then "
+    "tile configs; adopts the fastest as mosaic_gpu's default and says where it wins.",
+)
+flags.DEFINE_integer("mosaic_budget_s", 240, "Seconds after which no new Mosaic timing starts.")
 flags.DEFINE_string("check_filter", "", "pytest -k expression for --check (default: every test).")
 
 GROUP = 128
@@ -186,6 +194,7 @@ def time_layers(fn, x0, weights) -> float:
             kern = sum(v for k, v in ns.items() if PALLAS_KERNEL_NAME in k)
             LAST_PROFILE["kernel"] = kern / calls / 1e3 if kern else None
             LAST_PROFILE["busy"] = sum(ns.values()) / calls / 1e3 if ns else None
+            LAST_PROFILE["per_kernel"] = {k: v / calls / 1e3 for k, v in ns.items()}
         except Exception as e:  # the profiler is a diagnostic; never lose the wall-clock number
             log(f"profile failed: {type(e).__name__}: {str(e)[:200]}")
     return statistics.median(ts) / (loops * r) * 1e6
@@ -941,6 +950,89 @@ def fma_ab(mk, bw):
     return "\n".join(lines)
 
 
+MOSAIC_CONFIGS = [  # (name, MosaicConfig fields); split None = the heuristic
+    ("bn64 auto-split st4", dict(block_n=64, stages=4)),
+    ("bn128 auto-split st4", dict(block_n=128, stages=4)),
+    ("bn64 auto-split st6", dict(block_n=64, stages=6)),
+    ("bn64 split2 st4", dict(block_n=64, split_k=2, stages=4)),
+    ("bn64 split8 st4", dict(block_n=64, split_k=8, stages=4)),
+    ("bn128 split4 st6", dict(block_n=128, split_k=4, stages=6)),
+]
+
+
+def _mosaic_kernel_us(name_hint="mosaic"):
+    per = LAST_PROFILE.get("per_kernel") or {}
+    hits = {k: v for k, v in per.items() if name_hint in k.lower()}
+    if hits:
+        return sum(hits.values())
+    return max(per.values()) if per else None
+
+
+def mosaic_ab(mk, bw):
+    """Mosaic GPU quant_matmul: checks on the device, then µs vs the Triton kernel."""
+    lines = [
+        "| K×N | M | bits | kernel | µs/layer | kernel µs | % roofline (kernel) | rel. err |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    log("\n## Mosaic GPU quant_matmul vs Triton")
+    log(lines[0])
+    cases = [((4096, 14336), m, 4) for m in (1, 16)] + [((4096, 14336), 16, 8)]
+    cases += [((4096, 4096), 1, 4), ((4096, 4096), 16, 4), ((8192, 8192), 16, 4)]
+    cases += [((14336, 4096), 16, 4), ((4096, 14336), 64, 4)]
+    if FLAGS.smoke:
+        cases = [((256, 128), 1, 4)]
+    deadline = time.time() + FLAGS.mosaic_budget_s
+    res = {}
+    for (k, n), m, bits in cases:
+        if time.time() > deadline:
+            log("Mosaic budget spent; remaining cases skipped")
+            break
+        x = mk.x(m, k)
+        ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
+        prepared = [qmg.prepare(p, s, None, bits=bits, group=GROUP) for p, s in ws]
+        ref = qref.quant_matmul(
+            x.astype(jnp.float32), ws[0][0], ws[0][1].astype(jnp.float32), None,
+            bits=bits, group=GROUP,
+        )
+        roof = (packed_bytes(k, n, bits) + io_bytes(m, k, n)) / bw * 1e6
+        t = time_layers(_qfn(None, bits), x, ws)
+        kt = prof("kernel")
+        res.setdefault((k, n, m, bits), {})["triton"] = kt or t
+        lines.append(f"| {k}×{n} | {m} | {bits} | Triton (default) | {t:.1f} | {fmt(kt)} | "
+                     f"{fmt(None if not kt else 100 * roof / kt, '.0f')} | |")
+        log(lines[-1])
+        for name, kw in MOSAIC_CONFIGS:
+            cfg = qmg.MosaicConfig(**kw)
+            fn = lambda x, w, cfg=cfg: qmg.quant_matmul(x, w, config=cfg)  # noqa: E731
+            try:
+                y = jax.jit(fn)(x, prepared[0]).astype(jnp.float32)
+                err = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
+                t = time_layers(fn, x, prepared)
+            except Exception as e:
+                log(f"mosaic {name} failed: {type(e).__name__}: {str(e)[:600]}")
+                continue
+            kt = _mosaic_kernel_us()
+            if err < 2e-2:
+                res[(k, n, m, bits)][name] = kt or t
+            per = LAST_PROFILE.get("per_kernel") or {}
+            log(f"  kernels: {sorted(((round(v, 1), nm[:60]) for nm, v in per.items()))[-4:]}")
+            lines.append(f"| {k}×{n} | {m} | {bits} | Mosaic {name} | {t:.1f} | {fmt(kt)} | "
+                         f"{fmt(None if not kt else 100 * roof / kt, '.0f')} | {err:.1e} |")
+            log(lines[-1])
+        del ws, prepared
+    names = [nm for nm, _ in MOSAIC_CONFIGS]
+    full = [nm for nm in names if all(nm in r for r in res.values())]
+    if full:
+        best = min(full, key=lambda nm: sum(math.log(r[nm]) for r in res.values()))
+        wins = [f"{k}×{n} M={m} w{b}" for (k, n, m, b), r in res.items() if r[best] < r["triton"]]
+        lines.append(f"\nbest Mosaic config: **{best}**; faster than Triton at: "
+                     f"{', '.join(wins) or 'none'}")
+    else:
+        lines.append("\nno Mosaic config ran correctly on every case")
+    log(lines[-1])
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -983,6 +1075,12 @@ def main(argv):
     if FLAGS.variants:
         try:
             REPORT["tables"]["variants"] = "## Triton layout variants\n\n" + variants(mk, bw)
+        except Exception:
+            log(traceback.format_exc())
+        write_report()
+    if FLAGS.mosaic:
+        try:
+            REPORT["tables"]["mosaic"] = "## Mosaic GPU quant_matmul\n\n" + mosaic_ab(mk, bw)
         except Exception:
             log(traceback.format_exc())
         write_report()
