@@ -8,9 +8,17 @@ Implementations: "xla" (`reference.py`, the spec: dequantize + fp32 matmul), "pa
 (Triton lowering), "pallas_tpu" (Mosaic; interpret-verified only). "auto" picks the Pallas kernel
 of `jax.default_backend()` when its guard accepts the shapes, else the reference.
 
+Hopper serving layout: `prepare` turns a stored 4- or 8-bit, group-128 weight once into the
+layout of the Mosaic GPU (wgmma) kernel (`mosaic_gpu.py`), and `quant_matmul_prepared` runs it:
+"auto" takes that kernel on a compute-capability-9 GPU (1.3-1.5x faster than the Triton kernel
+on an H200, benchmarks/kernels.md) and the dequantize-and-matmul reference elsewhere. The stored
+format keeps the Triton kernel: converting per call would cost more than the kernel saves.
+
 Example:
     y = quant_matmul(x, planes, scale, None, bits=4, group=128)           # x (..., K) -> (..., N)
     y = quant_matmul_multitenant(x, tids, planes_T, scale_T, None, bits=4, group=128, y_base=yb)
+    w = prepare(planes, scale, None, bits=4, group=128)                     # once, at load time
+    y = quant_matmul_prepared(x, w)
 """
 
 from __future__ import annotations
@@ -21,9 +29,19 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import check_dtype, check_packed, pad_last, resolve_implementation
-from pallas_kernels.quant_matmul import pallas_gpu, pallas_tpu, reference
+from pallas_kernels.quant_matmul import mosaic_gpu, pallas_gpu, pallas_tpu, reference
+from pallas_kernels.quant_matmul.mosaic_gpu import MosaicConfig, MosaicWeight
 
-__all__ = ["quant_matmul", "quant_matmul_multitenant", "choose_implementation"]
+__all__ = [
+    "quant_matmul",
+    "quant_matmul_multitenant",
+    "quant_matmul_prepared",
+    "prepare",
+    "choose_implementation",
+    "MosaicConfig",
+    "MosaicWeight",
+]
+PREPARED_IMPLEMENTATIONS = ("auto", "xla", "mosaic_gpu")
 
 _STATIC = ("bits", "group", "implementation", "interpret")
 
@@ -173,4 +191,78 @@ def quant_matmul_multitenant(
         )
     else:
         y = reference.quant_matmul_multitenant(x2, tids, planes, scale, zero, **kw)
+    return y.reshape(*lead, n)
+
+
+def prepare(planes, scale, zero=None, *, bits: int, group: int, dtype=jnp.bfloat16) -> MosaicWeight:
+    """Stored packed weight -> the Hopper kernel's serving layout (`mosaic_gpu.MosaicWeight`).
+
+    Runs in XLA (a transpose of the words plus the folded scales); do it once per weight, at
+    load time, not per call. `dtype` is the activation dtype the weight will meet (bf16/fp16 for
+    the kernel; fp32 keeps exact scales for the reference path).
+
+    Raises:
+      ValueError: when the Mosaic GPU kernel cannot take the weight (bits other than 4 or 8,
+        group other than 128, N not a multiple of 64), saying which.
+    """
+    planes = tuple(planes)
+    k_pad, n = check_packed(planes, scale, zero, bits=bits, group=group, where="prepare")
+    why = mosaic_gpu.reason(k_pad=k_pad, n=n, bits=bits, group=group, dtype=jnp.bfloat16)
+    if why:
+        raise ValueError(f"prepare: {why}")
+    check_dtype(jnp.zeros((), dtype), where="prepare")
+    return mosaic_gpu.prepare(planes, scale, zero, bits=bits, group=group, dtype=dtype)
+
+
+def choose_prepared(w: MosaicWeight, *, m: int, dtype, implementation: str) -> str:
+    """What `quant_matmul_prepared` runs ("xla" or "mosaic_gpu") for these static properties."""
+    if implementation not in PREPARED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"quant_matmul_prepared: implementation must be one of {PREPARED_IMPLEMENTATIONS}, "
+            f"got {implementation!r}"
+        )
+    n, k_pad = w.codes.shape
+    why = mosaic_gpu.reason(k_pad=k_pad, n=n, bits=w.bits, group=w.group, dtype=dtype, m=m)
+    if implementation == "auto":
+        return "mosaic_gpu" if why is None and mosaic_gpu.on_hopper() else "xla"
+    if implementation == "mosaic_gpu":
+        if why is not None:
+            raise ValueError(f"quant_matmul_prepared: mosaic_gpu cannot run this call: {why}")
+        if not mosaic_gpu.on_hopper():
+            raise ValueError("quant_matmul_prepared: mosaic_gpu needs a Hopper GPU (sm_90)")
+    return implementation
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "config"))
+def quant_matmul_prepared(
+    x: jax.Array,
+    w: MosaicWeight,
+    *,
+    implementation: str = "auto",
+    config: MosaicConfig | None = None,
+) -> jax.Array:
+    """y = x @ dequant(W)ᵀ for a weight made by `prepare`.
+
+    Args:
+      x: activations (..., K) or (..., K_pad), bf16/fp16 for the kernel (fp32 takes "xla").
+      w: the prepared weight.
+      implementation: "auto" | "xla" | "mosaic_gpu" (static).
+      config: optional `MosaicConfig` tile overrides (static).
+
+    Returns:
+      (..., N) in x.dtype, accumulated in fp32.
+    """
+    check_dtype(x, where="quant_matmul_prepared")
+    n, k_pad = w.codes.shape
+    lead = x.shape[:-1]
+    x2 = pad_last(x, k_pad, where="quant_matmul_prepared").reshape(-1, k_pad)
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, n), x.dtype)
+    impl = choose_prepared(w, m=x2.shape[0], dtype=x.dtype, implementation=implementation)
+    if impl == "mosaic_gpu":
+        y = mosaic_gpu.quant_matmul(x2, w, config=config)
+    else:
+        wd = mosaic_gpu.dequantize(w, jnp.float32)
+        y = jnp.einsum("mk,nk->mn", x2.astype(jnp.float32), wd,
+                       precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
     return y.reshape(*lead, n)

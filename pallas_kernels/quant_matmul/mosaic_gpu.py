@@ -45,7 +45,7 @@ from pallas_kernels._common import cdiv, sm_count
 __all__ = ["MosaicConfig", "MosaicWeight", "prepare", "reason", "quant_matmul"]
 
 BITS = (4, 8)
-BLOCK_K = 128  # = the group size: one (alpha, beta) pair of vectors per pipeline step
+GROUP = 128  # the group size the kernel takes: one (alpha, beta) pair of vectors per 128 K
 MAX_ROWS = 64
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -56,13 +56,18 @@ class MosaicConfig:
 
     Attributes:
       block_n: output columns per CTA (64 or 128: one or two wgmma M tiles).
+      block_k: contraction rows per pipeline step (128 or 256: one or two groups).
       split_k: contraction splits (f32 partials summed afterwards).
       stages: TMA pipeline depth (`max_concurrent_steps`).
+      pad_x: pad the batch to block_m rows in XLA first (default: no pad op; the TMA load of
+        the activation tile zero-fills the rows beyond M).
     """
 
     block_n: int | None = None
+    block_k: int | None = None
     split_k: int | None = None
     stages: int | None = None
+    pad_x: bool = False
 
 
 @jax.tree_util.register_dataclass
@@ -95,14 +100,14 @@ def reason(*, k_pad: int, n: int, bits: int, group: int, dtype, m: int | None = 
     del has_zero  # zeros fold into beta
     if bits not in BITS:
         return f"the Mosaic GPU kernel takes {BITS}-bit codes, not {bits}"
-    if group != BLOCK_K:
-        return f"the Mosaic GPU kernel needs group = {BLOCK_K}, got {group}"
+    if group != GROUP:
+        return f"the Mosaic GPU kernel needs group = {GROUP}, got {group}"
     if jnp.dtype(dtype) not in DTYPES:
         return f"activation dtype {dtype} is not bf16/fp16 (wgmma operands)"
     if n % 64:
         return f"N={n} is not a multiple of 64 (wgmma M tile)"
-    if k_pad % BLOCK_K:
-        return f"K_pad={k_pad} is not a multiple of {BLOCK_K}"
+    if k_pad % GROUP:
+        return f"K_pad={k_pad} is not a multiple of {GROUP}"
     if m is not None and m > MAX_ROWS:
         return f"{m} rows > {MAX_ROWS} (the kernel is for decode batches)"
     return None
@@ -133,8 +138,8 @@ def prepare(planes, scale, zero=None, *, bits: int, group: int, dtype=jnp.bfloat
 
 def _dequant(w, a_ref, b_ref, dtype):
     """(block_n, chunk) signed codes -> alpha[n] * v + beta[n] in the activation dtype."""
-    a = a_ref[0][:, None]
-    b = b_ref[0][:, None]
+    a = a_ref[...][:, None]
+    b = b_ref[...][:, None]
     return w.astype(dtype) * a + b
 
 
@@ -144,7 +149,10 @@ def _plan(m: int, k: int, n: int, cfg: MosaicConfig | None):
     bn = cfg.block_n or 64
     if bn not in (64, 128) or n % bn:
         raise ValueError(f"MosaicConfig.block_n must be 64 or 128 and divide N={n}, got {bn}")
-    steps = k // BLOCK_K
+    bk = cfg.block_k or GROUP
+    if bk not in (GROUP, 2 * GROUP) or k % bk:
+        raise ValueError(f"MosaicConfig.block_k must be 128 or 256 and divide K={k}, got {bk}")
+    steps = k // bk
     split = cfg.split_k
     if split is None:
         tiles, split = n // bn, 1
@@ -156,7 +164,7 @@ def _plan(m: int, k: int, n: int, cfg: MosaicConfig | None):
                     break
     if steps % split:
         raise ValueError(f"split_k={split} does not divide the {steps} K steps")
-    return bm, bn, split, cfg.stages or 4
+    return bm, bn, bk, split, cfg.stages or 4, cfg.pad_x
 
 
 def quant_matmul(x: jax.Array, w: MosaicWeight, *, config: MosaicConfig | None = None,
@@ -169,14 +177,15 @@ def quant_matmul(x: jax.Array, w: MosaicWeight, *, config: MosaicConfig | None =
         raise ValueError(f"quant_matmul (mosaic_gpu): {why}")
     if w.codes.shape[1] != k:
         raise ValueError(f"quant_matmul (mosaic_gpu): codes {w.codes.shape} vs x {x.shape}")
-    bm, bn, split, stages = _plan(m, k, n, config)
-    steps = k // BLOCK_K // split
-    if m != bm:
+    bm, bn, bk, split, stages, pad_x = _plan(m, k, n, config)
+    steps = k // bk // split
+    gps = bk // GROUP  # groups per step
+    if m != bm and pad_x:
         x = jnp.pad(x, ((0, bm - m), (0, 0)))
     xbits = jnp.finfo(x.dtype).bits
     wbits = w.bits
-    sw_x = plgpu.find_swizzle(BLOCK_K * xbits, "rhs")
-    sw_w = plgpu.find_swizzle(BLOCK_K * wbits, "lhs")
+    sw_x = plgpu.find_swizzle(bk * xbits, "rhs")
+    sw_w = plgpu.find_swizzle(bk * wbits, "lhs")
     xe = sw_x * 8 // xbits  # x elements per swizzle row: the K chunk of one wgmma
     we = sw_w * 8 // wbits
     dtype = x.dtype
@@ -188,12 +197,13 @@ def quant_matmul(x: jax.Array, w: MosaicWeight, *, config: MosaicConfig | None =
         def compute(acc_ref):
             def step(_, c_smem, x_smem, a_smem, b_smem):
                 codes = c_smem[...]
-                chunks = BLOCK_K // xe
+                chunks = bk // xe
                 if chunks == 1:
                     plgpu.wgmma_wait(0)  # register A is reused: wait for the last wgmma
                 for j in range(chunks):
                     ks = slice(j * xe, (j + 1) * xe)
-                    wj = _dequant(codes[:, ks], a_smem, b_smem, dtype)
+                    g = j * xe // GROUP
+                    wj = _dequant(codes[:, ks], a_smem.at[g], b_smem.at[g], dtype)
                     plgpu.wgmma(acc_ref, wj, x_smem.at[:, ks].T)
                     plgpu.wgmma_wait(1)
 
@@ -203,17 +213,17 @@ def quant_matmul(x: jax.Array, w: MosaicWeight, *, config: MosaicConfig | None =
                 grid=(steps,),
                 in_specs=(
                     plgpu.BlockSpec(
-                        (bn, BLOCK_K), lambda kk: (ni, k0 + kk),
+                        (bn, bk), lambda kk: (ni, k0 + kk),
                         transforms=(plgpu.TilingTransform((8, we)), plgpu.SwizzleTransform(sw_w)),
                         delay_release=1,
                     ),
                     plgpu.BlockSpec(
-                        (bm, BLOCK_K), lambda kk: (0, k0 + kk),
+                        (bm, bk), lambda kk: (0, k0 + kk),
                         transforms=(plgpu.TilingTransform((8, xe)), plgpu.SwizzleTransform(sw_x)),
                         delay_release=1,
                     ),
-                    plgpu.BlockSpec((1, bn), lambda kk: (k0 + kk, ni), delay_release=1),
-                    plgpu.BlockSpec((1, bn), lambda kk: (k0 + kk, ni), delay_release=1),
+                    plgpu.BlockSpec((gps, bn), lambda kk: (k0 + kk, ni), delay_release=1),
+                    plgpu.BlockSpec((gps, bn), lambda kk: (k0 + kk, ni), delay_release=1),
                 ),
                 max_concurrent_steps=stages,
             )(c_gmem, x_gmem, a_gmem, b_gmem)
@@ -222,16 +232,18 @@ def quant_matmul(x: jax.Array, w: MosaicWeight, *, config: MosaicConfig | None =
         acc = pl.run_scoped(compute, plgpu.ACC((bn, bm), jnp.float32))
 
         def store(o_smem):
-            o_smem[...] = acc
+            # Transposed into (block_m, block_n) so the partials are (S, M, N) rows: their sum
+            # fuses with the consumer (no transpose op after the kernel).
+            o_smem.T[...] = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn)])
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, :, pl.ds(ni * bn, bn)])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(store, plgpu.SMEM((bn, bm), jnp.float32))
+        pl.run_scoped(store, plgpu.SMEM((bm, bn), jnp.float32))
 
     kern = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((split, n, bm), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((split, bm, n), jnp.float32),
         grid=(n // bn, split),
         grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(
@@ -240,5 +252,25 @@ def quant_matmul(x: jax.Array, w: MosaicWeight, *, config: MosaicConfig | None =
         interpret=interpret or None,
     )
     part = kern(x, w.codes, w.alpha, w.beta)
-    y = jnp.sum(part, axis=0)[:, :m].T
+    y = jnp.sum(part, axis=0)[:m]
     return y.astype(dtype)
+
+
+def dequantize(w: MosaicWeight, dtype=jnp.float32) -> jax.Array:
+    """Dense `(N, K_pad)` weight of a prepared operand (the spec of what the kernel multiplies)."""
+    a = jnp.repeat(w.alpha.astype(jnp.float32), w.group, axis=-2)  # (K, N)
+    b = jnp.repeat(w.beta.astype(jnp.float32), w.group, axis=-2)
+    v = w.codes.astype(jnp.float32)
+    return (v * jnp.swapaxes(a, -1, -2) + jnp.swapaxes(b, -1, -2)).astype(dtype)
+
+
+def on_hopper() -> bool:
+    """True when the default device is an NVIDIA GPU of compute capability 9.x (wgmma)."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if dev.platform != "gpu":
+        return False
+    cc = str(getattr(dev, "compute_capability", ""))
+    return cc.startswith("9.")
