@@ -92,6 +92,10 @@ flags.DEFINE_bool(
     "A/B the Mosaic GPU (wgmma) quant_matmul against the Triton kernel: device check, then "
     "tile configs; adopts the fastest as mosaic_gpu's default and says where it wins.",
 )
+flags.DEFINE_bool(
+    "mosaic_rows", True,
+    "Add Mosaic GPU rows (prepared 4/8-bit weights) to the quant table where its guard accepts.",
+)
 flags.DEFINE_integer("mosaic_budget_s", 240, "Seconds after which no new Mosaic timing starts.")
 flags.DEFINE_string("check_filter", "", "pytest -k expression for --check (default: every test).")
 
@@ -367,25 +371,23 @@ def quant_rows(mk, bl, bw, shapes, ms, bits_all, bits_m16):
                 t = time_layers(ours_fn(bits), x, ws)
                 kern = (prof("kernel"), prof("busy"), bl.busy(k, n, m))
                 tu = time_layers(unfused_fn(bits), x, ws)
+                timed = [(f"quant w{bits}", t, kern)]
+                if FLAGS.mosaic_rows and not FLAGS.smoke and qmg.reason(
+                    k_pad=k, n=n, bits=bits, group=GROUP, dtype=BF16, m=m
+                ) is None:
+                    pws = [qmg.prepare(p, s, None, bits=bits, group=GROUP) for p, s in ws]
+                    tm = time_layers(lambda x, w: qmg.quant_matmul(x, w), x, pws)
+                    timed.append((f"quant w{bits} Mosaic GPU", tm,
+                                  (_mosaic_kernel_us(), prof("busy"), bl.busy(k, n, m))))
+                    del pws
                 del ws
                 roof = (packed_bytes(k, n, bits) + io_bytes(m, k, n)) / bw * 1e6
-                add_row(
-                    rows,
-                    [
-                        f"{k}×{n}",
-                        m,
-                        f"quant w{bits}",
-                        t,
-                        100 * roof / t,
-                        tb,
-                        tb / t,
-                        ti,
-                        ti / t,
-                        tu,
-                        tu / t,
-                        *kern,
-                    ],
-                )
+                for label, tt, kk in timed:
+                    add_row(
+                        rows,
+                        [f"{k}×{n}", m, label, tt, 100 * roof / tt, tb, tb / tt, ti, ti / tt,
+                         tu, tu / tt, *kk],
+                    )
 
     return rows
 

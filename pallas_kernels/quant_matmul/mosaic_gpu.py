@@ -47,6 +47,9 @@ __all__ = ["MosaicConfig", "MosaicWeight", "prepare", "reason", "quant_matmul"]
 BITS = (4, 8)
 GROUP = 128  # the group size the kernel takes: one (alpha, beta) pair of vectors per 128 K
 MAX_ROWS = 64
+# H200 A/B (benchmarks/kernels.md, "Mosaic GPU quant_matmul"): 128 columns per CTA with the
+# split-K heuristic had the lowest geometric-mean kernel time over 7 shapes/batches.
+DEFAULT_BLOCK_N = 128
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -146,7 +149,7 @@ def _dequant(w, a_ref, b_ref, dtype):
 def _plan(m: int, k: int, n: int, cfg: MosaicConfig | None):
     cfg = cfg or MosaicConfig()
     bm = max(8, cdiv(m, 8) * 8)
-    bn = cfg.block_n or 64
+    bn = cfg.block_n or (DEFAULT_BLOCK_N if n % DEFAULT_BLOCK_N == 0 else 64)
     if bn not in (64, 128) or n % bn:
         raise ValueError(f"MosaicConfig.block_n must be 64 or 128 and divide N={n}, got {bn}")
     bk = cfg.block_k or GROUP
