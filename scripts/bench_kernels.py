@@ -47,8 +47,8 @@ from pallas_kernels.lowrank_delta_matmul import (
 from pallas_kernels.lowrank_delta_matmul import pallas_gpu as lrgpu
 from pallas_kernels.quant_matmul import mosaic_gpu as qmg
 from pallas_kernels.quant_matmul import pallas_gpu as qgpu
-from pallas_kernels.quant_matmul import reference as qref
 from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_multitenant
+from pallas_kernels.quant_matmul import reference as qref
 from pallas_kernels.sign_matmul import pallas_gpu as sgpu
 from pallas_kernels.sign_matmul import sign_matmul, sign_matmul_multitenant
 

@@ -31,7 +31,6 @@ lowering_platforms=("cuda",))`), which runs Mosaic GPU's layout inference.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -123,7 +122,6 @@ def prepare(planes, scale, zero=None, *, bits: int, group: int, dtype=jnp.bfloat
         raise ValueError(f"prepare: {bits}-bit codes are not in this kernel's {BITS}")
     words = planes[0]
     vpw = packing.WORD_BITS // bits
-    n = words.shape[-1]
     k = words.shape[-2] * vpw
     half = 1 << (bits - 1)
     flip = jnp.uint32(sum(half << (bits * t) for t in range(vpw)))  # q ^ 2^(b-1) == q - 2^(b-1)
