@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from deltajax import ops
 from deltajax.methods import Method
+from deltajax.methods.base import QuantizedMatrix
 from deltajax.methods.keep import Keep
+from pallas_kernels.quant_matmul import mosaic_gpu as _mosaic_gpu
 
 PROJ_PATTERN = r"(^|\.)(q|k|v|o|gate|up|down)_proj\.weight$"
 
@@ -230,15 +232,37 @@ def _add(base, d):
     return (base.astype(jnp.float32) + d).astype(base.dtype)
 
 
-def attach(base, compressed: Mapping[str, DeltaLeaf], *, on_the_fly: bool = True):
-    """Params whose compressed projection leaves are `DeltaWeight`s; other deltas are merged."""
+def _prepared_leaf(leaf: DeltaLeaf, dtype) -> DeltaLeaf:
+    """The leaf with a 4/8-bit group-128 `QuantizedMatrix` container in its Hopper serving form."""
+    c = leaf.container
+    if not isinstance(c, QuantizedMatrix) or c.prepare_reason() is not None:
+        return leaf
+    dt = dtype if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else (
+        jnp.float32)
+    return dataclasses.replace(leaf, container=c.prepared(dt))
+
+
+def attach(base, compressed: Mapping[str, DeltaLeaf], *, on_the_fly: bool = True,
+           prepare: bool | str = "auto"):
+    """Params whose compressed projection leaves are `DeltaWeight`s; other deltas are merged.
+
+    `prepare`: convert on-the-fly `QuantizedMatrix` deltas (RTN, GPTQ at 4/8 bits, group 128)
+    to the Mosaic GPU kernel's serving layout (`QuantizedMatrix.prepared`); "auto" does so on a
+    Hopper GPU only (where that kernel is 1.3-1.8x faster than the Triton one,
+    benchmarks/kernels.md), True always (elsewhere the prepared form runs the reference).
+    """
     _check_compressed_fits(base, compressed)
+    if prepare not in (True, False, "auto"):
+        raise ValueError(f"attach: prepare must be True, False or 'auto', got {prepare!r}")
+    do_prepare = prepare is True or (prepare == "auto" and _mosaic_gpu.on_hopper())
 
     def f(name, w):
         leaf = compressed.get(name)
         if leaf is None:
             return w
         if on_the_fly and _is_on_the_fly(name) and not isinstance(leaf.method, Keep):
+            if do_prepare:
+                leaf = _prepared_leaf(leaf, w.dtype)
             return DeltaWeight(base=w, delta=leaf)
         return _add(w, leaf.decompress())
 

@@ -280,7 +280,8 @@ def attach_sharded(base, compressed: Mapping[str, DeltaLeaf], mesh: Mesh, *,
         raise ValueError(f"kernels must be 'shard_map' or 'gspmd', got {kernels!r}")
     base = sh.shard_params(base, mesh, rules)
     comp = sh.shard_compressed(compressed, mesh, rules)
-    params = delta_lib.attach(base, comp)
+    # Stored layouts only: the shard rules are written for them (not the Hopper serving layout).
+    params = delta_lib.attach(base, comp, prepare=False)
     if kernels == "gspmd" or sh.axis_size(mesh, "model") == 1:
         return params
 

@@ -235,3 +235,43 @@ def test_script_generate_multitenant(base, tmp_path):
                       chat=True, tenant_ids=[1, -1, 0])
     for i, (p, label) in enumerate(zip(prompts, ["delta 1", "base", "delta 0"])):
         assert f"=== [{i}] ({label}) {p}\n{want['texts'][i]}\n" in r.stdout, r.stdout
+
+
+CFG128 = M.ModelConfig(vocab_size=53, hidden_size=128, intermediate_size=256,
+                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=32)
+
+
+def test_attach_prepare_hopper_layout_keeps_logits():
+    """attach(prepare=True): 4-bit group-128 deltas in the Mosaic GPU serving layout (on CPU
+    the prepared form runs its reference); same logits as the stored form, same merge."""
+    from deltajax.methods.base import PreparedMatrix
+
+    base = tiny_base(CFG128)
+    ft = perturb(base, jax.random.PRNGKey(3))
+    comp = delta.compress_tree(delta.extract(base, ft),
+                               delta.default_rules(RTN(bits=4, group=128)), progress=False)
+    tok, mask = _prompts()
+    stored = delta.attach(base, comp, prepare=False)
+    prepared = delta.attach(base, comp, prepare=True)
+    kinds = {type(w.delta.container).__name__ for w in jax.tree.leaves(
+        prepared, is_leaf=lambda v: isinstance(v, delta.DeltaWeight))
+        if isinstance(w, delta.DeltaWeight)}
+    assert kinds == {"PreparedMatrix"}
+    a = M.forward_jit(stored, tok, CFG128, mask)
+    b = M.forward_jit(prepared, tok, CFG128, mask)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="prepare"):
+        delta.attach(base, comp, prepare="yes")
+    # act-order permutation (GPTQ's g_idx): dequantize and matmul agree with the stored form
+    qm = comp["layers.0.mlp.down_proj.weight"].container  # (128, 256): K = 2 groups
+    perm = jax.random.permutation(jax.random.PRNGKey(5), qm.k_pad).astype(jnp.int32)
+    import dataclasses
+    qp = dataclasses.replace(qm, perm=perm)
+    pm = qp.prepared(jnp.float32)
+    assert isinstance(pm, PreparedMatrix)
+    np.testing.assert_allclose(np.asarray(pm.dequantize()), np.asarray(qp.dequantize()),
+                               atol=1e-6)
+    x = jax.random.normal(jax.random.PRNGKey(6), (3, qm.k))
+    np.testing.assert_allclose(np.asarray(pm.matmul(x)), np.asarray(qp.matmul(x)),
+                               atol=1e-4, rtol=1e-4)

@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import packing
+from pallas_kernels.quant_matmul import mosaic_gpu as _mosaic_gpu
+from pallas_kernels.quant_matmul import prepare as _prepare_op
 from pallas_kernels.quant_matmul import quant_matmul as _quant_matmul_op
+from pallas_kernels.quant_matmul import quant_matmul_prepared as _quant_matmul_prepared_op
 
 SCALE_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -96,6 +99,51 @@ class QuantizedMatrix:
             x = jnp.take(x, self.perm.astype(jnp.int32), axis=-1)
         return _quant_matmul_op(x, self.planes, self.scale, self.zero, bits=self.bits,
                                 group=self.group, implementation=implementation)
+
+    def prepare_reason(self) -> str | None:
+        """Why `prepared` cannot make a Hopper serving form of this matrix (None when it can)."""
+        if len(self.planes) != 1:
+            return f"{self.bits}-bit codes are bit planes (the Mosaic GPU kernel takes 4/8 bits)"
+        return _mosaic_gpu.reason(k_pad=self.k_pad, n=self.n, bits=self.bits, group=self.group,
+                                  dtype=jnp.bfloat16)
+
+    def prepared(self, dtype=jnp.bfloat16) -> PreparedMatrix:
+        """The Hopper serving form (`pallas_kernels.quant_matmul.prepare`), for inference only."""
+        w = _prepare_op(self.planes, self.scale, self.zero, bits=self.bits, group=self.group,
+                        dtype=dtype)
+        return PreparedMatrix(w=w, n=self.n, k=self.k, perm=self.perm)
+
+
+@flax.struct.dataclass
+class PreparedMatrix:
+    """A `QuantizedMatrix` in the Mosaic GPU kernel's serving layout (`QuantizedMatrix.prepared`).
+
+    Same `matmul` / `dequantize` contract; made at attach time for serving on Hopper GPUs
+    (`deltajax.delta.attach(prepare=...)`), never stored (checkpoints keep `QuantizedMatrix`).
+    """
+
+    w: Any  # pallas_kernels.quant_matmul.MosaicWeight
+    n: int = flax.struct.field(pytree_node=False)
+    k: int = flax.struct.field(pytree_node=False)
+    perm: jax.Array | None = None
+
+    @property
+    def k_pad(self) -> int:
+        return self.w.codes.shape[1]
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """Dense `(n, k)` matrix."""
+        w = _mosaic_gpu.dequantize(self.w, dtype)  # (n, k_pad), stored column order
+        if self.perm is not None:
+            w = jnp.zeros_like(w).at[:, self.perm.astype(jnp.int32)].set(w)
+        return w[:, : self.k]
+
+    def matmul(self, x: jax.Array, *, implementation: str = "auto") -> jax.Array:
+        """`x @ dequantize().T` through `quant_matmul_prepared` (Mosaic GPU on Hopper)."""
+        if self.perm is not None:
+            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.k_pad - x.shape[-1])])
+            x = jnp.take(x, self.perm.astype(jnp.int32), axis=-1)
+        return _quant_matmul_prepared_op(x, self.w, implementation=implementation)
 
 
 def effective_group(k: int, group: int) -> int:
