@@ -138,3 +138,31 @@ def test_mosaic_gpu_configs(cfg, dtype):
     want = quant_matmul(x.astype(F32), planes, scale, None, bits=4, group=128,
                         implementation="xla")
     assert_close(got, want, dtype=dtype, what=f"mosaic {cfg} {dtype}")
+
+
+@pytest.mark.gpu
+@hopper
+def test_attached_rtn4_delta_served_by_mosaic_gpu():
+    """deltajax.attach on a Hopper GPU prepares 4-bit group-128 deltas ("auto"); the bf16 logits
+    match the stored-format (Triton) path."""
+    from tiny_pair import perturb, tiny_base
+
+    from deltajax import delta
+    from deltajax import model as M
+    from deltajax.methods import RTN
+
+    cfg = M.ModelConfig(vocab_size=53, hidden_size=256, intermediate_size=512,
+                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=64)
+    base = jax.tree.map(lambda a: a.astype(BF16), tiny_base(cfg))
+    ft = perturb(base, jax.random.PRNGKey(int(rng().integers(1 << 30))))
+    comp = delta.compress_tree(delta.extract(base, ft),
+                               delta.default_rules(RTN(bits=4, group=128)), progress=False)
+    tok = jnp.asarray(rng().integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+    auto = delta.attach(base, comp)
+    leaves = [w for w in jax.tree.leaves(auto, is_leaf=lambda v: isinstance(v, delta.DeltaWeight))
+              if isinstance(w, delta.DeltaWeight)]
+    assert leaves and all(type(w.delta.container).__name__ == "PreparedMatrix" for w in leaves)
+    got = M.forward_jit(auto, tok, cfg)
+    want = M.forward_jit(delta.attach(base, comp, prepare=False), tok, cfg)
+    assert_close(got, want, dtype=BF16, what="attached prepared vs stored")
