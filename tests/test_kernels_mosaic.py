@@ -57,6 +57,8 @@ def test_prepared_bytes_count_every_array():
         (1, 4, MosaicConfig()),
         (16, 4, MosaicConfig(block_n=128, block_k=256, split_k=1)),
         (3, 8, MosaicConfig(stages=2)),
+        (14, 4, MosaicConfig()),  # ragged batch above the 8-row TMA tiling: padded
+        (37, 4, MosaicConfig(block_k=256)),
         (64, 8, MosaicConfig(block_n=64, split_k=2, pad_x=True)),
     ],
 )
@@ -107,7 +109,7 @@ hopper = pytest.mark.skipif(not mosaic_gpu.on_hopper(), reason="needs a Hopper G
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m", [1, 3, 16, 64])
+@pytest.mark.parametrize("m", [1, 3, 14, 16, 37, 64])
 @pytest.mark.parametrize("zero", [False, True])
 def test_mosaic_gpu_matches_reference(bits, m, zero):
     gen = rng()

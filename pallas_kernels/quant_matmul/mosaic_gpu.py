@@ -181,7 +181,9 @@ def quant_matmul(x: jax.Array, w: MosaicWeight, *, config: MosaicConfig | None =
     bm, bn, bk, split, stages, pad_x = _plan(m, k, n, config)
     steps = k // bk // split
     gps = bk // GROUP  # groups per step
-    if m != bm and pad_x:
+    # TMA zero-fills rows past M only when M is below its 8-row tiling; a ragged M above 8
+    # (e.g. 14) must be padded to block_m first.
+    if m != bm and (pad_x or m > 8):
         x = jnp.pad(x, ((0, bm - m), (0, 0)))
     xbits = jnp.finfo(x.dtype).bits
     wbits = w.bits
