@@ -88,6 +88,12 @@ def test_guards_and_bad_input():
         prepare(planes, scale[:1], None, bits=4, group=128)
     w = prepare(planes, scale, None, bits=4, group=128)
     x = activations(gen, 2, 256, BF16)
+    from pallas_kernels.quant_matmul import choose_prepared
+
+    want = "mosaic_gpu" if mosaic_gpu.on_hopper() else "xla"
+    assert choose_prepared(w, m=2, dtype=BF16, implementation="auto") == want
+    assert choose_prepared(w, m=65, dtype=BF16, implementation="auto") == "xla"  # > 64 rows
+    assert choose_prepared(w, m=2, dtype=F32, implementation="auto") == "xla"  # no fp32 wgmma
     if not mosaic_gpu.on_hopper():
         with pytest.raises(ValueError, match="Hopper"):
             quant_matmul_prepared(x, w, implementation="mosaic_gpu")
