@@ -59,6 +59,7 @@ def test_prepared_bytes_count_every_array():
         (3, 8, MosaicConfig(stages=2)),
         (14, 4, MosaicConfig()),  # ragged batch above the 8-row TMA tiling: padded
         (37, 4, MosaicConfig(block_k=256)),
+        (200, 4, MosaicConfig()),  # prefill: 64-row chunks under lax.map
         (64, 8, MosaicConfig(block_n=64, split_k=2, pad_x=True)),
     ],
 )
@@ -92,7 +93,7 @@ def test_guards_and_bad_input():
 
     want = "mosaic_gpu" if mosaic_gpu.on_hopper() else "xla"
     assert choose_prepared(w, m=2, dtype=BF16, implementation="auto") == want
-    assert choose_prepared(w, m=65, dtype=BF16, implementation="auto") == "xla"  # > 64 rows
+    assert choose_prepared(w, m=300, dtype=BF16, implementation="auto") == want  # chunked
     assert choose_prepared(w, m=2, dtype=F32, implementation="auto") == "xla"  # no fp32 wgmma
     if not mosaic_gpu.on_hopper():
         with pytest.raises(ValueError, match="Hopper"):
@@ -115,7 +116,7 @@ hopper = pytest.mark.skipif(not mosaic_gpu.on_hopper(), reason="needs a Hopper G
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m", [1, 3, 14, 16, 37, 64])
+@pytest.mark.parametrize("m", [1, 3, 14, 16, 37, 64, 200])
 @pytest.mark.parametrize("zero", [False, True])
 def test_mosaic_gpu_matches_reference(bits, m, zero):
     gen = rng()

@@ -22,8 +22,9 @@ words transposed to codes-along-K rows so TMA tiles are `(block_n, block_k)`), p
     symmetric  W = s (2q - (2^b - 1)) = 2s v + s            -> alpha = 2s, beta = s
     with zeros W = s (q - z)          = s v + s (2^(b-1) - z) -> alpha = s,  beta = s (2^(b-1) - z)
 
-Limits (`reason` says which): 4- or 8-bit codes, group = block_k = 128 (one scale vector per K
-step), N a multiple of 64, bf16/fp16 activations, batches of at most 64 rows. Compiles only on a
+Limits (`reason` says which): 4- or 8-bit codes, group 128 (one scale vector per 128 K), N a
+multiple of 64, bf16/fp16 activations. One launch takes up to 64 rows; larger batches run in
+64-row chunks (`lax.map`). Compiles only on a
 Hopper GPU (sm_90a); on CPU it is exercised by lowering for CUDA (`jax.jit(...).lower(
 lowering_platforms=("cuda",))`), which runs Mosaic GPU's layout inference.
 """
@@ -110,8 +111,7 @@ def reason(*, k_pad: int, n: int, bits: int, group: int, dtype, m: int | None = 
         return f"N={n} is not a multiple of 64 (wgmma M tile)"
     if k_pad % GROUP:
         return f"K_pad={k_pad} is not a multiple of {GROUP}"
-    if m is not None and m > MAX_ROWS:
-        return f"{m} rows > {MAX_ROWS} (the kernel is for decode batches)"
+    del m  # any number of rows: batches above MAX_ROWS run in MAX_ROWS-row chunks
     return None
 
 
@@ -170,7 +170,12 @@ def _plan(m: int, k: int, n: int, cfg: MosaicConfig | None):
 
 def quant_matmul(x: jax.Array, w: MosaicWeight, *, config: MosaicConfig | None = None,
                  interpret: bool = False) -> jax.Array:
-    """y = x @ dequant(W)ᵀ. x: (M, K_pad) bf16/fp16, M <= 64; w from `prepare`."""
+    """y = x @ dequant(W)ᵀ. x: (M, K_pad) bf16/fp16; w from `prepare`.
+
+    The kernel takes up to MAX_ROWS rows (a decode batch is wgmma's N); larger batches (prefill)
+    run as a `lax.map` over MAX_ROWS-row chunks of the same kernel, each reading the weight once
+    (as the Triton kernel's row tiles do).
+    """
     m, k = x.shape
     n = w.codes.shape[0]
     why = reason(k_pad=k, n=n, bits=w.bits, group=w.group, dtype=x.dtype, m=m)
@@ -178,6 +183,18 @@ def quant_matmul(x: jax.Array, w: MosaicWeight, *, config: MosaicConfig | None =
         raise ValueError(f"quant_matmul (mosaic_gpu): {why}")
     if w.codes.shape[1] != k:
         raise ValueError(f"quant_matmul (mosaic_gpu): codes {w.codes.shape} vs x {x.shape}")
+    if m > MAX_ROWS:
+        chunks = cdiv(m, MAX_ROWS)
+        xc = jnp.pad(x, ((0, chunks * MAX_ROWS - m), (0, 0))).reshape(chunks, MAX_ROWS, k)
+        yc = lax.map(lambda xi: _rows(xi, w, config, interpret), xc)
+        return yc.reshape(chunks * MAX_ROWS, n)[:m]
+    return _rows(x, w, config, interpret)
+
+
+def _rows(x: jax.Array, w: MosaicWeight, config: MosaicConfig | None, interpret) -> jax.Array:
+    """One launch for at most MAX_ROWS rows."""
+    m, k = x.shape
+    n = w.codes.shape[0]
     bm, bn, bk, split, stages, pad_x = _plan(m, k, n, config)
     steps = k // bk // split
     gps = bk // GROUP  # groups per step
