@@ -54,9 +54,10 @@ def get_config():
              {"target": t}),
             (f"DeltaDQ α={t} 1-bit", {"name": "deltadq", "ratio": a, "bits": 1}, {"target": t}),
         ]
-    # DeltaDQ's code width: 2 bits (the default since this sweep) vs 1 bit at the same true ratio.
+    # DeltaDQ's code width: 2 bits (the default since this sweep) vs 1 bit at the same true ratio,
+    # at 1/16 to 1/128.
     rows += [(f"DeltaDQ α=1/{inv} 2-bit", {"name": "deltadq", "ratio": 1 / inv, "bits": 2},
-              {"target": f"1/{inv}"}) for inv in (16, 32)]
+              {"target": f"1/{inv}"}) for inv in (16, 32, 64, 128)]
     # Extreme ratios (where 1/16 saturates): every method that can store that little.
     for inv in (64, 128):
         a, t = 1 / inv, f"1/{inv}"
