@@ -237,8 +237,7 @@ def _prepared_leaf(leaf: DeltaLeaf, dtype) -> DeltaLeaf:
     c = leaf.container
     if not isinstance(c, QuantizedMatrix) or c.prepare_reason() is not None:
         return leaf
-    dt = dtype if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else (
-        jnp.float32)
+    dt = dtype if jnp.dtype(dtype) in _mosaic_gpu.DTYPES else jnp.float32  # fp32: reference
     return dataclasses.replace(leaf, container=c.prepared(dt))
 
 
@@ -248,7 +247,7 @@ def attach(base, compressed: Mapping[str, DeltaLeaf], *, on_the_fly: bool = True
 
     `prepare`: convert on-the-fly `QuantizedMatrix` deltas (RTN, GPTQ at 4/8 bits, group 128)
     to the Mosaic GPU kernel's serving layout (`QuantizedMatrix.prepared`); "auto" does so on a
-    Hopper GPU only (where that kernel is 1.3-1.8x faster than the Triton one,
+    Hopper GPU only (where that kernel is 1.3-1.9x faster than the Triton one, kernel-only,
     benchmarks/kernels.md), True always (elsewhere the prepared form runs the reference).
     """
     _check_compressed_fits(base, compressed)

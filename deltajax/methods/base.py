@@ -61,6 +61,14 @@ class Method:
 # ------------------------------------------------------------------------------------ quantizer
 
 
+def _act_order(x: jax.Array, perm: jax.Array | None, k_pad: int) -> jax.Array:
+    """x's columns in the packing's order (GPTQ act-order): padded to k_pad, then permuted."""
+    if perm is None:
+        return x
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, k_pad - x.shape[-1])])
+    return jnp.take(x, perm.astype(jnp.int32), axis=-1)
+
+
 @flax.struct.dataclass
 class QuantizedMatrix:
     """A group-wise quantized `(n, k)` matrix in the shared packed format.
@@ -94,9 +102,7 @@ class QuantizedMatrix:
 
     def matmul(self, x: jax.Array, *, implementation: str = "auto") -> jax.Array:
         """`x @ dequantize().T` through the quant_matmul kernel dispatcher."""
-        if self.perm is not None:
-            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.k_pad - x.shape[-1])])
-            x = jnp.take(x, self.perm.astype(jnp.int32), axis=-1)
+        x = _act_order(x, self.perm, self.k_pad)
         return _quant_matmul_op(x, self.planes, self.scale, self.zero, bits=self.bits,
                                 group=self.group, implementation=implementation)
 
@@ -140,9 +146,7 @@ class PreparedMatrix:
 
     def matmul(self, x: jax.Array, *, implementation: str = "auto") -> jax.Array:
         """`x @ dequantize().T` through `quant_matmul_prepared` (Mosaic GPU on Hopper)."""
-        if self.perm is not None:
-            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.k_pad - x.shape[-1])])
-            x = jnp.take(x, self.perm.astype(jnp.int32), axis=-1)
+        x = _act_order(x, self.perm, self.k_pad)
         return _quant_matmul_prepared_op(x, self.w, implementation=implementation)
 
 

@@ -10,9 +10,10 @@ of `jax.default_backend()` when its guard accepts the shapes, else the reference
 
 Hopper serving layout: `prepare` turns a stored 4- or 8-bit, group-128 weight once into the
 layout of the Mosaic GPU (wgmma) kernel (`mosaic_gpu.py`), and `quant_matmul_prepared` runs it:
-"auto" takes that kernel on a compute-capability-9 GPU (1.3-1.5x faster than the Triton kernel
-on an H200, benchmarks/kernels.md) and the dequantize-and-matmul reference elsewhere. The stored
-format keeps the Triton kernel: converting per call would cost more than the kernel saves.
+"auto" takes that kernel on a compute-capability-9 GPU (1.3-1.9x faster than the Triton kernel
+on an H200, kernel-only, benchmarks/kernels.md) and the dequantize-and-matmul reference
+elsewhere. The stored format keeps the Triton kernel: converting per call would cost more than
+the kernel saves.
 
 Example:
     y = quant_matmul(x, planes, scale, None, bits=4, group=128)           # x (..., K) -> (..., N)
@@ -28,7 +29,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import check_dtype, check_packed, pad_last, resolve_implementation
+from pallas_kernels._common import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_packed,
+    pad_last,
+    resolve_implementation,
+)
 from pallas_kernels.quant_matmul import mosaic_gpu, pallas_gpu, pallas_tpu, reference
 from pallas_kernels.quant_matmul.mosaic_gpu import MosaicConfig, MosaicWeight
 
@@ -210,7 +217,8 @@ def prepare(planes, scale, zero=None, *, bits: int, group: int, dtype=jnp.bfloat
     why = mosaic_gpu.reason(k_pad=k_pad, n=n, bits=bits, group=group, dtype=jnp.bfloat16)
     if why:
         raise ValueError(f"prepare: {why}")
-    check_dtype(jnp.zeros((), dtype), where="prepare")
+    if jnp.dtype(dtype) not in FLOAT_DTYPES:
+        raise ValueError(f"prepare: dtype must be float32, bfloat16 or float16, got {dtype}")
     return mosaic_gpu.prepare(planes, scale, zero, bits=bits, group=group, dtype=dtype)
 
 

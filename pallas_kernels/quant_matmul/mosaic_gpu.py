@@ -41,6 +41,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import packing
 from pallas_kernels._common import cdiv, sm_count
+from pallas_kernels._triton import split_for
 
 __all__ = ["MosaicConfig", "MosaicWeight", "prepare", "reason", "quant_matmul"]
 
@@ -154,15 +155,9 @@ def _plan(m: int, k: int, n: int, cfg: MosaicConfig | None):
     if bk not in (GROUP, 2 * GROUP) or k % bk:
         raise ValueError(f"MosaicConfig.block_k must be 128 or 256 and divide K={k}, got {bk}")
     steps = k // bk
-    split = cfg.split_k
-    if split is None:
-        tiles, split = n // bn, 1
-        target = 4 * sm_count()
-        for s in range(1, steps + 1):
-            if steps % s == 0 and steps // s >= 2:
-                split = s
-                if tiles * s >= target:
-                    break
+    # The Triton planner's split-K rule: the smallest split giving >= 4 waves of CTAs, each
+    # split keeping >= 2 pipeline steps (H200 A/B, benchmarks/kernels.md).
+    split = cfg.split_k or split_for(n // bn, steps, sm_count(), cap=max(1, steps // 2), waves=4)
     if steps % split:
         raise ValueError(f"split_k={split} does not divide the {steps} K steps")
     return bm, bn, bk, split, cfg.stages or 4, cfg.pad_x
