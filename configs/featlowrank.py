@@ -5,7 +5,7 @@ projection): the exact rank-r minimizer of the layer-output error, mergeable, sa
 LowRank. `--config.method.mode=pooled` selects Bolaco's pooled covariance (pools of `pool_size`
 calibration windows) + mean-correction output bias (served on the fly only: it cannot be merged
 into bias-free Llama projections, so HF export refuses it). calib_windows=0: plain SVD.
-Per-type ranks from a Bayesian search: `deltajax.rank_search` (see scripts/bench_bolaco.py).
+Per-type ranks from a Bayesian search: `deltajax.steps.rank_search` (see scripts/bench_bolaco.py).
 """
 
 import ml_collections

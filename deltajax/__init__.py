@@ -2,7 +2,8 @@
 
 Public API (see README.md):
 
-    from deltajax import hf, delta, methods, accounting
+    from deltajax import delta, methods, accounting
+    from deltajax.io import hf
     cfg = hf.load_config(base_dir); base = hf.load_params(base_dir, cfg)
     ft = hf.load_params(ft_dir, cfg)
     deltas = delta.extract(base, ft)

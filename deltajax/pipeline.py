@@ -8,10 +8,11 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from deltajax import accounting, data, delta, delta_checkpoint
+from deltajax import accounting, data, delta
+from deltajax.io import delta_ckpt as delta_checkpoint
+from deltajax.io.resolve import load_model
 from deltajax.methods import method_from_config
 from deltajax.methods.bitdelta import BitDelta
-from deltajax.models_io import load_model
 
 
 def _cfg_dict(c) -> dict:
@@ -29,7 +30,7 @@ def calibration_tokens(tok, config, n: int | None = None) -> np.ndarray:
 def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print, mesh=None) -> dict:
     """Compress the delta of loaded params; returns a dict of results.
 
-    With a `jax.sharding.Mesh` (`deltajax.sharding.make_mesh`), data-free methods distribute the
+    With a `jax.sharding.Mesh` (`parallel.sharding.make_mesh`), data-free methods distribute the
     matrices over its devices (`sharded.compress_tree_sharded`) and calibrated methods run with
     the calibration windows sharded over ``data`` (`sharded.sequential_compress_sharded`).
     """
@@ -53,7 +54,7 @@ def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print, mesh
         if tok is None:
             raise ValueError(f"{method.name} calibrates on text: a tokenizer is needed (or set "
                              "calib_windows=0 for its data-free mode)")
-        from deltajax import calibrate
+        from deltajax.steps import calibrate
 
         toks = calibrate.calibration_windows(
             tok, config.get("calib_data") or None, num_windows=n_cal,
@@ -63,7 +64,7 @@ def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print, mesh
         kw = dict(key=key, deltas=deltas, batch_size=int(config.get("calib_batch_size", 8)),
                   true_sequential=bool(config.get("true_sequential", True)))
         if mesh is not None:
-            from deltajax import sharded
+            from deltajax.parallel import sharded
 
             comp = sharded.sequential_compress_sharded(base, ft, cfg, toks, rules, mesh, **kw)
         else:
@@ -72,7 +73,7 @@ def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print, mesh
         if method.needs_stats:
             log(f"[compress] {method.name}: no calibration data (calib_windows=0), data-free mode")
         if mesh is not None:
-            from deltajax import sharded
+            from deltajax.parallel import sharded
 
             comp = sharded.compress_tree_sharded(deltas, rules, mesh, key=key)
         else:
@@ -82,7 +83,7 @@ def compress_loaded(base, ft, cfg, config: Mapping, *, tok=None, log=print, mesh
     if isinstance(method, BitDelta) and int(config.get("distill_steps", 0)) > 0:
         if tok is None:
             raise ValueError("BitDelta distillation needs a tokenizer for calibration text")
-        from deltajax.methods.bitdelta_distill import distill_scales
+        from deltajax.steps.bitdelta_distill import distill_scales
 
         toks = calibration_tokens(tok, config)
         comp, distill_losses = distill_scales(base, ft, comp, cfg, toks,
@@ -113,14 +114,14 @@ def compress_pair(base_spec: str, ft_spec: str, config, *, out: str | None = Non
     compressed on the mesh (see `compress_loaded`).
     """
     if out is not None:
-        from deltajax.checkpoint import check_destination
+        from deltajax.io.params_ckpt import check_destination
 
         check_destination(out, overwrite)  # fail before the expensive work
     if mesh is None:
         base, cfg, tok, _ = load_model(base_spec)
         ft, ft_cfg, ft_tok, _ = load_model(ft_spec)
     else:
-        from deltajax.sharding import load_model_sharded
+        from deltajax.parallel.sharding import load_model_sharded
 
         base, cfg, tok, _ = load_model_sharded(base_spec, mesh)
         ft, ft_cfg, ft_tok, _ = load_model_sharded(ft_spec, mesh)
@@ -154,7 +155,7 @@ def compress_checkpoint(base_dir, ft_dir, rules, *, key=None, progress: bool = T
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    from deltajax import hf, tensor_io
+    from deltajax.io import hf, tensor_io
 
     base_dir, ft_dir = Path(base_dir), Path(ft_dir)
     cfg, ft_cfg = hf.load_config(base_dir), hf.load_config(ft_dir)

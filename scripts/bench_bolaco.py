@@ -29,13 +29,14 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from deltajax import accounting, calibrate, delta
+from deltajax import accounting, delta
 from deltajax import data as D
-from deltajax import eval as E
-from deltajax import rank_search as RS
+from deltajax.eval.harness import harness as E
+from deltajax.io.resolve import load_model
 from deltajax.methods import FeatureLowRank, Keep, LowRank
 from deltajax.methods.featlowrank import output_error
-from deltajax.models_io import load_model
+from deltajax.steps import calibrate
+from deltajax.steps import rank_search as RS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model.")

@@ -21,11 +21,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from deltajax import calibrate, delta
 from deltajax import data as D
-from deltajax import eval as E
-from deltajax.models_io import load_model
+from deltajax import delta
+from deltajax.eval.harness import harness as E
+from deltajax.io.resolve import load_model
 from deltajax.pipeline import compress_loaded
+from deltajax.steps import calibrate
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model (name or HF directory).")

@@ -13,7 +13,7 @@ of the fine-tune's own projection inputs on GSM8K *train* windows, collected onc
 
 Part 2 (base weights, the paper's use): SmolLM2's own projections pruned to 60 % unstructured
 (row-wise) sparsity, Wanda vs Wanda + DSnoT (attention only = the original default, and all
-projections), layer-wise (`deltajax.prune.prune_model`); WikiText-2 perplexity, dense too.
+projections), layer-wise (`deltajax.steps.prune.prune_model`); WikiText-2 perplexity, dense too.
 Writes a markdown table with date, device and command (rewritten after every row).
 """
 
@@ -27,11 +27,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from deltajax import accounting, calibrate, delta, prune
+from deltajax import accounting, delta
 from deltajax import data as D
-from deltajax import eval as E
+from deltajax.eval.harness import harness as E
+from deltajax.io.resolve import load_model
 from deltajax.methods.dsnot import DSnoT, rules
-from deltajax.models_io import load_model
+from deltajax.steps import calibrate, prune
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model.")
@@ -146,7 +147,7 @@ def main(argv):
             "projection; the paper's use)",
             "",
             "Layer-wise: statistics from one forward of the still-dense layer, outputs "
-            "recomputed with the pruned layer for the next (`deltajax.prune.prune_model`). "
+            "recomputed with the pruned layer for the next (`deltajax.steps.prune.prune_model`). "
             "|ε|: mean per-row expected output error per token of the attention projections "
             "(q_proj) before → after.",
             "",

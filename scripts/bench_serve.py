@@ -36,7 +36,7 @@ from absl import app, flags
 from deltajax import model as M
 from deltajax.delta import PROJ_PATTERN  # noqa: F401  (documentation: which leaves get deltas)
 from deltajax.methods import make_method
-from deltajax.multitenant import MultiTenantWeight
+from deltajax.serve.multitenant import MultiTenantWeight
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("layers", 32, "Decoder layers.")

@@ -25,7 +25,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from deltajax import pipeline, sharding
+from deltajax import pipeline
+from deltajax.parallel import sharding
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", None, "Base model (HF dir, converted checkpoint, or 'smollm2').",

@@ -10,8 +10,8 @@ Example:
       --out=/ckpt/smollm2-135m --dtype=bfloat16
 
   # tensor-parallel placement while loading: each tensor goes straight into its shards
-  # (deltajax.sharding.PARAM_RULES); 8 devices, or several hosts started the standard JAX way
-  # (run the same command on every host; see deltajax.sharding.maybe_initialize_distributed):
+  # (parallel.sharding.PARAM_RULES); 8 devices, or several hosts started the standard JAX way
+  # (run the same command on every host; see parallel.sharding.maybe_initialize_distributed):
   python scripts/convert.py --hf_dir=/models/Llama-2-70b-hf --out=/ckpt/llama2-70b \
       --dtype=bfloat16 --mesh=data:1,model:8
 """
@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from deltajax import hf, sharding  # noqa: E402
+from deltajax.io import hf
+from deltajax.parallel import sharding  # noqa: E402
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)

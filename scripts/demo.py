@@ -24,12 +24,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from deltajax import data as D
-from deltajax import delta, delta_checkpoint, hf, pipeline
-from deltajax import eval as E
-from deltajax import finetune as F
-from deltajax import generate as G
-from deltajax.models_io import describe, load_model
-from deltajax.smollm import cache_root
+from deltajax import delta, pipeline
+from deltajax import train as F
+from deltajax.eval.harness import harness as E
+from deltajax.io import delta_ckpt as delta_checkpoint
+from deltajax.io import hf
+from deltajax.io.resolve import describe, load_model
+from deltajax.io.smollm import cache_root
+from deltajax.serve import generate as G
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model: HF dir, converted checkpoint, or 'smollm2'.")

@@ -27,10 +27,11 @@ import jax
 from absl import app, flags
 
 from deltajax import data as D
-from deltajax import delta, plots
-from deltajax import eval as E
-from deltajax import generate as G
-from deltajax.models_io import load_model
+from deltajax import delta
+from deltajax.eval.harness import harness as E
+from deltajax.eval.harness import plots
+from deltajax.io.resolve import load_model
+from deltajax.serve import generate as G
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model: 'smollm2', an HF dir or a converted ckpt.")

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from deltajax import checkpoint, hf  # noqa: E402
+from deltajax.io import hf  # noqa: E402
+from deltajax.io import params_ckpt as checkpoint
 
 _CKPT = flags.DEFINE_string("ckpt", None, "deltajax params checkpoint directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output Hugging Face directory.", required=True)

@@ -17,10 +17,11 @@ import time
 
 from absl import app, flags
 
-from deltajax import checkpoint, hf
 from deltajax import data as D
-from deltajax import finetune as F
-from deltajax.models_io import load_model
+from deltajax import train as F
+from deltajax.io import hf
+from deltajax.io import params_ckpt as checkpoint
+from deltajax.io.resolve import load_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model: HF dir, converted checkpoint, or 'smollm2'.")

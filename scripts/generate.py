@@ -13,11 +13,11 @@ Example:
 tokenizer is used (offline). --delta: saved delta directories (scripts/compress.py), comma
 separated or repeated; each is checked against the base's fingerprint. With several deltas every
 prompt names its fine-tune with --tenant (default: prompt i uses delta i % T) and the whole batch
-runs at once, each row applying its own delta (deltajax.multitenant). --chat applies the
+runs at once, each row applying its own delta (deltajax.serve.multitenant). --chat applies the
 tokenizer's chat template (default: on when it has one). Prints every answer and tokens/s
 (compile time reported apart).
 
---mesh=data:D,model:M: tensor parallelism over model (base by deltajax.sharding.PARAM_RULES,
+--mesh=data:D,model:M: tensor parallelism over model (base by parallel.sharding.PARAM_RULES,
 deltas laid out consistently, their kernels run per shard under shard_map), batch over data:
   python scripts/generate.py --base=/ckpt/llama2-70b --delta=/tmp/d70 --mesh=data:1,model:8 \
       --prompt="What is 12 * 7?"
@@ -34,9 +34,11 @@ from pathlib import Path
 import jax
 from absl import app, flags, logging
 
-from deltajax import delta, multitenant, sharded, sharding
-from deltajax import generate as G
-from deltajax.models_io import describe, load_model
+from deltajax import delta
+from deltajax.io.resolve import describe, load_model
+from deltajax.parallel import sharded, sharding
+from deltajax.serve import generate as G
+from deltajax.serve import multitenant
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model: HF dir, converted checkpoint, or 'smollm2'.")

@@ -1,4 +1,4 @@
-"""8-device CPU checks of deltajax.sharding / deltajax.sharded, run in a subprocess.
+"""8-device CPU checks of parallel.sharding / parallel.sharded, run in a subprocess.
 
 `tests/test_sharding.py` runs ``python tests/sharding_check.py OUT_DIR`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the flag must be set before jax is
@@ -21,10 +21,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deltajax import delta, hf, sharded, sharding  # noqa: E402
-from deltajax import generate as G  # noqa: E402
+from deltajax import delta
 from deltajax import model as M  # noqa: E402
+from deltajax.io import hf
 from deltajax.methods import GPTQ, RTN, DeltaCoMe, LowRank  # noqa: E402
+from deltajax.parallel import (
+    sharded,
+    sharding,  # noqa: E402
+)
+from deltajax.serve import generate as G  # noqa: E402
 
 # 4 heads of 32, 2 KV heads: on model:4 every projection shards and the row-parallel packed codes
 # (K/4 = 32, 64) hold whole words and groups; on model:8 o_proj (K/8 = 16) falls back to GSPMD.
@@ -115,7 +120,7 @@ def main(out_dir: str) -> dict:
 
     lap("generate")
     # 5) calibrated (GPTQ): windows over data, Hessians all-reduced by GSPMD == one device
-    from deltajax import calibrate
+    from deltajax.steps import calibrate
 
     ctok = jax.random.randint(jax.random.PRNGKey(3), (4, 16), 0, CFG.vocab_size)
     rules = delta.default_rules(GPTQ(bits=4, group=32))

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from tiny_pair import tiny_pair
 
-from deltajax import accounting, calibrate, delta, delta_checkpoint
+from deltajax import accounting, delta
 from deltajax import model as M
+from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.methods import GPTQ, RTN, DeltaCoMe, LowRank
 from deltajax.methods.deltacome import allocate_bands
+from deltajax.steps import calibrate
 
 
 def test_nominal_allocation_matches_the_paper():

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltajax import accounting, calibrate, delta, delta_checkpoint
+from deltajax import accounting, delta
 from deltajax import model as M
+from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.methods import DARE, REGISTRY, make_method
 from deltajax.methods.deltadq import DeltaDQ, group_counts, keep_positions
+from deltajax.steps import calibrate
 from pallas_kernels import packing
 
 

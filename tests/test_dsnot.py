@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltajax import accounting, calibrate, delta, delta_checkpoint, prune
+from deltajax import accounting, delta
 from deltajax import model as M
+from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.methods import REGISTRY, make_method
 from deltajax.methods.dsnot import (
     STOP_RULES,
@@ -21,6 +22,7 @@ from deltajax.methods.dsnot import (
     refine_with_info,
     rules,
 )
+from deltajax.steps import calibrate, prune
 from pallas_kernels import packing
 
 L = 2048.0  # the original's sequence length (a power of two: per-sequence sums scale exactly)

@@ -16,10 +16,10 @@ import pytest
 from tiny_pair import perturb, tiny_base
 
 from deltajax import delta
-from deltajax import eval as E
-from deltajax import generate as G
 from deltajax import model as M
+from deltajax.eval.harness import harness as E
 from deltajax.methods import RTN
+from deltajax.serve import generate as G
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ([f"w{i}" for i in range(24)] + [str(i) for i in range(10)]
@@ -202,7 +202,7 @@ def test_write_report_json_and_markdown(tmp_path):
 
 
 def test_plots_write_pngs(tmp_path):
-    from deltajax import plots
+    from deltajax.eval.harness import plots
 
     rep = _fake_report()
     rep["rows"][0]["metrics"]["kl"] = 0.01
@@ -220,7 +220,8 @@ def test_plots_write_pngs(tmp_path):
 
 @pytest.mark.slow
 def test_script_end_to_end(base, tmp_path):
-    from deltajax import delta_checkpoint, hf
+    from deltajax.io import delta_ckpt as delta_checkpoint
+    from deltajax.io import hf
 
     ft = perturb(base, jax.random.PRNGKey(7))
     bdir = hf.export_hf(base, CFG, tmp_path / "base")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from tiny_pair import tiny_pair
 
-from deltajax import accounting, calibrate, delta, delta_checkpoint
+from deltajax import accounting, delta
 from deltajax import model as M
+from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.methods import FeatureLowRank, LowRank, make_method
 from deltajax.methods.featlowrank import (
     eigenbasis,
@@ -17,6 +18,7 @@ from deltajax.methods.featlowrank import (
     output_covariance,
     output_error,
 )
+from deltajax.steps import calibrate
 
 
 def _corr_inputs(n_win=12, length=16, k=40, seed=0, mean=1.5):

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from tiny_pair import perturb, tiny_base
 
-from deltajax import delta, multitenant
-from deltajax import generate as G
+from deltajax import delta
 from deltajax import model as M
 from deltajax.methods import RTN, BitDelta, LowRank
+from deltajax.serve import generate as G
+from deltajax.serve import multitenant
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = M.ModelConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
@@ -213,7 +214,8 @@ def test_text_streamer_prints_the_text(base, capsys):
 
 
 def test_script_generate_multitenant(base, tmp_path):
-    from deltajax import delta_checkpoint, hf
+    from deltajax.io import delta_ckpt as delta_checkpoint
+    from deltajax.io import hf
 
     src = hf.export_hf(base, CFG, tmp_path / "base")
     tok = make_tiny_tokenizer(src)

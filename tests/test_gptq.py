@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltajax import gptq
+from deltajax.methods import gptq_core as gptq
 
 
 def _problem(seed, n=32, k=256, tokens=1500):

@@ -21,8 +21,10 @@ import torch
 from hf_tiny import FAMILIES, hf_logits, load_hf_model, make_tiny_hf
 from safetensors.torch import load_file, save_file
 
-from deltajax import checkpoint, hf, model
-from deltajax.hf import CheckpointError
+from deltajax import model
+from deltajax.io import hf
+from deltajax.io import params_ckpt as checkpoint
+from deltajax.io.hf import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4

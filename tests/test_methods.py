@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltajax import accounting, delta, delta_checkpoint
+from deltajax import accounting, delta
 from deltajax import model as M
+from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.methods import REGISTRY, RTN, BitDelta, LowRank, make_method
-from deltajax.methods.bitdelta_distill import distill_scales, logit_mse
+from deltajax.steps.bitdelta_distill import distill_scales, logit_mse
 
 # method instance for the contract test, and its documented relative-error bound on a
 # Gaussian (n=96, k=160) delta (loose; an implementation bug blows far past them).
@@ -238,7 +239,7 @@ def test_streaming_compress_checkpoint_equals_in_memory(tmp_path):
     import torch
     from hf_tiny import make_tiny_hf
 
-    from deltajax import hf
+    from deltajax.io import hf
     from deltajax.pipeline import compress_checkpoint
 
     b = make_tiny_hf("llama_gqa", tmp_path / "base", seed=0)

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltajax import delta, multitenant
+from deltajax import delta
 from deltajax import model as M
 from deltajax.delta import Rule
 from deltajax.methods import RTN, BitDelta, Keep, LowRank
-from deltajax.multitenant import MultiTenantWeight, TenantError, TenantVector
+from deltajax.serve import multitenant
+from deltajax.serve.multitenant import MultiTenantWeight, TenantError, TenantVector
 
 CFG = M.ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from tiny_pair import tiny_pair
 
-from deltajax import accounting, calibrate, delta
+from deltajax import accounting, delta
 from deltajax import model as M
-from deltajax import rank_search as RS
 from deltajax.methods import FeatureLowRank
+from deltajax.steps import calibrate
+from deltajax.steps import rank_search as RS
 
 
 def _shapes(layers=3, d=64, f=96, kv=32):

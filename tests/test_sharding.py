@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from deltajax import model as M
-from deltajax import sharding
+from deltajax.parallel import sharding
 
 REPO = Path(__file__).resolve().parents[1]
 

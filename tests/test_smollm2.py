@@ -18,7 +18,7 @@ def test_smollm2_converts_and_matches_transformers():
     from transformers import AutoModelForCausalLM
 
     from deltajax import model as M
-    from deltajax.models_io import load_model
+    from deltajax.io.resolve import load_model
 
     params, cfg, tok, d = load_model("smollm2")
     assert cfg.tie_word_embeddings and cfg.num_hidden_layers == 30 and cfg.head_dim == 64

@@ -4,7 +4,7 @@ Follows FasterDecoding/BitDelta (`bitdelta/diff.py`): bit = 1 where Δ ≥ 0; sc
 mean|Δ| (the L2-optimal scale for a fixed sign matrix), one fp32 scalar per matrix; signs packed
 32 per word along the input axis. Scale distillation (logit MSE against the fine-tuned model,
 AdamW lr 1e-4 with cosine decay) is the whole-model step `distill_scales` in
-`deltajax.methods.bitdelta_distill`. Differences from the released code: signs are packed in the
+`deltajax.steps.bitdelta_distill`. Differences from the released code: signs are packed in the
 shared format (words (K/32, N), K zero-padded to a multiple of 32); the released code needs
 d_in % 32 == 0.
 """

@@ -40,7 +40,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from deltajax import gptq
+from deltajax.methods import gptq_core as gptq
 from deltajax.methods.base import (
     SCALE_DTYPES,
     Method,

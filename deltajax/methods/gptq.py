@@ -1,7 +1,7 @@
 """GPTQ on the delta: Hessian-aware group-wise quantization of Δ (the quantizer of Delta-CoMe /
 DeltaZip applied to the whole delta matrix).
 
-Core in `deltajax.gptq` (GPTQ-for-LLaMa semantics, see its docstring). Stored as a
+Core in `deltajax.methods.gptq_core` (GPTQ-for-LLaMa semantics, see its docstring). Stored as a
 `QuantizedMatrix` in the shared packed format (plus an int16 column permutation in act-order
 g_idx mode). Without calibration statistics it falls back to round-to-nearest (= RTN method).
 Invariant (tested): with statistics, layer-output error ≤ RTN's at the same bits.
@@ -14,7 +14,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from deltajax import gptq
+from deltajax.methods import gptq_core as gptq
 from deltajax.methods.base import (
     SCALE_DTYPES,
     Method,

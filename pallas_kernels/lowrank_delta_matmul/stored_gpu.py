@@ -47,7 +47,7 @@ from pallas_kernels._common import (
 
 __all__ = ["StoredBand", "reason", "reference", "stored_delta_multitenant"]
 
-# Whether `implementation="auto"` picks these kernels on a GPU (deltajax.multitenant). Compiled
+# Whether `implementation="auto"` picks these kernels on a GPU (serve.multitenant). Compiled
 # and checked on an H200 (tests/test_kernels_gpu.py::test_stored_delta_multitenant_gpu passed,
 # 2026-12-01); in the 7B serving benchmark (16 tenants, batch 16) they gave 221.9 tokens/s
 # against 102.2 for the generic per-tenant path (benchmarks/serving.md).

@@ -5,7 +5,7 @@ little-endian data). That reads bf16/fp8 tensors into `ml_dtypes` arrays without
 every header entry (dtype, shape, offsets) and detects truncated files from their size before any
 data is read, and lets `write_safetensors` stream arrays to disk one at a time. ``.bin`` files need
 PyTorch and are opened with ``torch.load(weights_only=True, mmap=True)``: no arbitrary pickles,
-and tensors are paged in only when read. Use it through `deltajax.hf`.
+and tensors are paged in only when read. Use it through `deltajax.io.hf`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from deltajax.checkpoint import CheckpointError
+from deltajax.io.params_ckpt import CheckpointError
 
 __all__ = ["TensorRef", "read_tensor", "scan_bin", "scan_safetensors", "write_safetensors"]
 

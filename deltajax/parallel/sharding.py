@@ -2,7 +2,7 @@
 
 Nothing here is a process pool or an RPC layer: several devices (and several hosts) are driven
 by `jax.sharding.Mesh` + `NamedSharding` (GSPMD partitions every jitted function) and, where a
-Pallas kernel must see whole local blocks, by `jax.shard_map` (`deltajax.sharded`). Multi-host
+Pallas kernel must see whole local blocks, by `jax.shard_map` (`parallel.sharded`). Multi-host
 runs are started the standard JAX way (one identical process per host, see
 `maybe_initialize_distributed`).
 
@@ -32,7 +32,7 @@ for a row-parallel one on its d_in side (codes and scales on the word / group ax
 groups fall in every shard; low-rank Vᵀ on columns; Delta-CoMe's packed Vᵀ on its word axis),
 and everything else is replicated. An array whose axis does not divide falls back to replicated.
 `container_shardings` also says whether the layout is the *kernel* layout, i.e. whether
-`deltajax.sharded` may run the method's Pallas kernel per shard under `shard_map`.
+`deltajax.parallel.sharded` may run the method's Pallas kernel per shard under `shard_map`.
 
 Loading (`param_sharding_fn`, `load_params_sharded`): each tensor goes straight into its shards via
 `jax.make_array_from_callback`; with safetensors the callback reads only the requested slice from
@@ -317,7 +317,9 @@ def load_model_sharded(spec: str, mesh: Mesh, *, dtype=None, progress: bool = Fa
 
     Returns (params, cfg, tokenizer or None, source dir).
     """
-    from deltajax import checkpoint, hf, models_io
+    from deltajax.io import hf
+    from deltajax.io import params_ckpt as checkpoint
+    from deltajax.io import resolve as models_io
 
     p = models_io.resolve_model_dir(spec)
     fn = param_sharding_fn(mesh)
@@ -380,7 +382,7 @@ def container_shardings(container, kind: str, mesh: Mesh):
 
     Returns:
       (tree of NamedSharding matching `container`, kernel_ok): kernel_ok is True when the layout
-      is the per-shard kernel layout (`deltajax.sharded` then runs the method's matmul under
+      is the per-shard kernel layout (`parallel.sharded` then runs the method's matmul under
       `shard_map`); False means some array fell back (GSPMD still computes the right result).
     """
     from deltajax.methods.base import QuantizedMatrix

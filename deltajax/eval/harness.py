@@ -259,7 +259,7 @@ def generate_texts(
     shapes. A tqdm bar counts examples done, with ETA. Returns "texts", "lengths", "seconds"
     (compile excluded), "compile_seconds", "tokens" (generated, stop tokens included).
     """
-    from deltajax import generate as G
+    from deltajax.serve import generate as G
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -747,7 +747,7 @@ def load_compressed(path, base, cfg) -> tuple[dict, dict]:
     """A saved compressed delta checked against `base` (clear errors for missing / wrong base)."""
     from pathlib import Path
 
-    from deltajax import delta_checkpoint
+    from deltajax.io import delta_ckpt as delta_checkpoint
 
     p = Path(path).expanduser()
     if not p.exists():

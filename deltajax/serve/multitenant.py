@@ -420,7 +420,7 @@ def load_deltas(
 
     Returns (deltas, metas), in the order of `paths`.
     """
-    from deltajax import delta_checkpoint
+    from deltajax.io import delta_ckpt as delta_checkpoint
 
     out, metas = [], []
     for p in paths:

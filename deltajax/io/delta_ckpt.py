@@ -25,14 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from deltajax import accounting
-from deltajax.checkpoint import (
+from deltajax.delta import DeltaLeaf, flatten
+from deltajax.io.params_ckpt import (
     CheckpointError,
     atomic_dir,
     config_from_json,
     config_to_json,
     library_version,
 )
-from deltajax.delta import DeltaLeaf, flatten
 from deltajax.methods import method_from_config
 
 FORMAT = "deltajax.compressed_delta"
@@ -135,7 +135,7 @@ def _abstract_container(m, shape, saved_keys):
     d = jax.ShapeDtypeStruct(shape, jnp.float32)
     cands = [jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)), d)]
     if m.needs_stats:
-        from deltajax.calibrate import LinearStats
+        from deltajax.steps.calibrate import LinearStats
 
         k = shape[-1]
         st = LinearStats(hessian=jax.ShapeDtypeStruct((k, k), jnp.float32),

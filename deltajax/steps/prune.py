@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from deltajax import calibrate
 from deltajax import model as M
 from deltajax.methods.dsnot import INITS, STOP_RULES, initial_mask, refine_with_info
+from deltajax.steps import calibrate
 
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from deltajax import checkpoint, hf
 from deltajax import model as M
+from deltajax.io import hf
+from deltajax.io import params_ckpt as checkpoint
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -14,7 +15,7 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json
 def resolve_model_dir(spec: str) -> Path:
     """'smollm2' -> the cached SmolLM2 HF dir (created on first use); else the path itself."""
     if spec in ("smollm2", "smollm2-135m-instruct"):
-        from deltajax.smollm import smollm2_hf_dir
+        from deltajax.io.smollm import smollm2_hf_dir
 
         return smollm2_hf_dir()
     p = Path(os.path.expanduser(spec))

@@ -15,7 +15,7 @@
   library side of ``scripts/convert.py``.
 
 
-The config mapping lives in `deltajax.hf_config` and the file formats in `deltajax.tensor_io`;
+The config mapping lives in `deltajax.io.hf_config` and the file formats in `deltajax.io.tensor_io`;
 this module is the public entry point for both.
 """
 
@@ -34,13 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deltajax import checkpoint as ckpt_lib
 from deltajax import model as model_lib
-from deltajax import tensor_io
-from deltajax.checkpoint import CheckpointError, ShardingSpec, atomic_dir
-from deltajax.hf_config import ARCHITECTURES, config_to_hf, load_config, read_hf_config
+from deltajax.io import params_ckpt as ckpt_lib
+from deltajax.io import tensor_io
+from deltajax.io.hf_config import ARCHITECTURES, config_to_hf, load_config, read_hf_config
+from deltajax.io.params_ckpt import CheckpointError, ShardingSpec, atomic_dir
+from deltajax.io.tensor_io import TensorRef, short_list
 from deltajax.model import ModelConfig
-from deltajax.tensor_io import TensorRef, short_list
 
 __all__ = [
     "ARCHITECTURES",

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from deltajax import delta as delta_lib
 from deltajax import ops
-from deltajax import sharding as sh
 from deltajax.delta import DeltaLeaf, DeltaWeight
+from deltajax.parallel import sharding as sh
 
 __all__ = [
     "ShardedDeltaWeight",
@@ -142,7 +142,7 @@ def sequential_compress_sharded(base, finetuned, cfg, tokens, rules, mesh: Mesh,
     over windows become per-device partial sums and an all-reduce). Extra keyword arguments go
     to `sequential_compress`. Returns {name: DeltaLeaf} placed by `shard_compressed`.
     """
-    from deltajax import calibrate
+    from deltajax.steps import calibrate
 
     base = sh.shard_params(base, mesh)
     finetuned = sh.shard_params(finetuned, mesh)

@@ -5,7 +5,7 @@ change the math and is not implemented (another activation, YaRN/dynamic/LongRoP
 rotary, Qwen2 sliding windows, per-layer attention types, quantized weights, heads that do not
 divide, ...): a converted model either computes what transformers computes or is not converted.
 Both transformers 4 (``rope_theta`` + ``rope_scaling``) and transformers 5 (``rope_parameters``)
-RoPE fields are read. Use it through `deltajax.hf`.
+RoPE fields are read. Use it through `deltajax.io.hf`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from deltajax import checkpoint as ckpt_lib
+from deltajax.io import params_ckpt as ckpt_lib
 from deltajax.model import ModelConfig
 
 __all__ = ["ARCHITECTURES", "config_to_hf", "load_config", "read_hf_config"]

@@ -425,7 +425,7 @@ def generate(
       seed: sampling seed.
       stop_ids: stop tokens (default `default_stop_ids(tokenizer)`).
       chat: render each prompt with the tokenizer's chat template (error if it has none).
-      tenant_ids: for multi-tenant params (`deltajax.multitenant`), the fine-tune index of each
+      tenant_ids: for multi-tenant params (`serve.multitenant`), the fine-tune index of each
         prompt (-1 = bare base); applied with `multitenant.with_tenants`.
       stream: optional per-step callback (see `generate_tokens`; `text_streamer` prints text).
       pad_to_multiple: prompt length rounding (masked left padding; fewer compiles).
@@ -435,7 +435,7 @@ def generate(
       "prompt_lengths" and "stop_ids".
     """
     if tenant_ids is not None:
-        from deltajax import multitenant
+        from deltajax.serve import multitenant
 
         params = multitenant.with_tenants(params, tenant_ids)
     stops = default_stop_ids(tokenizer) if stop_ids is None else sorted({int(s) for s in stop_ids})

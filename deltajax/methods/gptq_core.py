@@ -4,7 +4,7 @@ Follows GPTQ (Frantar et al., arXiv 2210.17323) as implemented in GPTQ-for-LLaMa
 in the GPTQ class Delta-CoMe's code relies on (``thunlp/Delta-CoMe`` lost its ``gptq.py``;
 ``X1AOX1A/ImPart:quantize/impart_gptq.py`` is the derived copy we read):
 
-* H = 2/n·XᵀX (fp32, from `deltajax.calibrate`); dead columns (H_ii = 0) get H_ii = 1 and W = 0;
+* H = 2/n·XᵀX (fp32, from `steps.calibrate`); dead columns (H_ii = 0) get H_ii = 1 and W = 0;
 * damping λ = percdamp · mean(diag H) (retried ×10 up to 3 times if the Cholesky fails);
 * U = upper Cholesky factor of H⁻¹; columns are quantized one at a time and the scaled error
   (w − q)/U_jj is pushed onto the later columns through row j of U; 128-column blocks with a lazy
