@@ -31,7 +31,7 @@ from absl import app, flags
 
 from deltajax import accounting, delta
 from deltajax import data as D
-from deltajax.eval.harness import harness as E
+from deltajax.eval import harness as E
 from deltajax.io.resolve import load_model
 from deltajax.methods import FeatureLowRank, Keep, LowRank
 from deltajax.methods.featlowrank import output_error

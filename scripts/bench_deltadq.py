@@ -23,7 +23,7 @@ from absl import app, flags
 
 from deltajax import data as D
 from deltajax import delta
-from deltajax.eval.harness import harness as E
+from deltajax.eval import harness as E
 from deltajax.io.resolve import load_model
 from deltajax.pipeline import compress_loaded
 from deltajax.steps import calibrate

@@ -29,7 +29,7 @@ from absl import app, flags
 
 from deltajax import accounting, delta
 from deltajax import data as D
-from deltajax.eval.harness import harness as E
+from deltajax.eval import harness as E
 from deltajax.io.resolve import load_model
 from deltajax.methods.dsnot import DSnoT, rules
 from deltajax.steps import calibrate, prune

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from deltajax import data as D
 from deltajax import delta, pipeline
 from deltajax import train as F
-from deltajax.eval.harness import harness as E
+from deltajax.eval import harness as E
 from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.io import hf
 from deltajax.io.resolve import describe, load_model

@@ -28,8 +28,8 @@ from absl import app, flags
 
 from deltajax import data as D
 from deltajax import delta
-from deltajax.eval.harness import harness as E
-from deltajax.eval.harness import plots
+from deltajax.eval import harness as E
+from deltajax.eval import plots
 from deltajax.io.resolve import load_model
 from deltajax.serve import generate as G
 

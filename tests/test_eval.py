@@ -17,7 +17,7 @@ from tiny_pair import perturb, tiny_base
 
 from deltajax import delta
 from deltajax import model as M
-from deltajax.eval.harness import harness as E
+from deltajax.eval import harness as E
 from deltajax.methods import RTN
 from deltajax.serve import generate as G
 
@@ -202,7 +202,7 @@ def test_write_report_json_and_markdown(tmp_path):
 
 
 def test_plots_write_pngs(tmp_path):
-    from deltajax.eval.harness import plots
+    from deltajax.eval import plots
 
     rep = _fake_report()
     rep["rows"][0]["metrics"]["kl"] = 0.01
