@@ -17,8 +17,6 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from deltajax.methods.keep import Keep
-
 # container field name -> reported part
 PARTS = {
     "planes": "codes", "words": "codes", "codes": "codes",
@@ -67,7 +65,7 @@ def account(compressed: Mapping, param_shapes: Mapping[str, tuple]) -> dict:
             dropped.append(name)
             continue
         b = container_bytes(leaf.container)
-        if isinstance(leaf.method, Keep):
+        if not leaf.method.on_the_fly:  # Keep: a dense delta merged into the base
             keep_bytes += sum(b.values())
             keep_params += n
             kept.append(name)

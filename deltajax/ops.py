@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from deltajax.tree import Leaf
+
 
 @runtime_checkable
 class LinearOperand(Protocol):
@@ -25,7 +27,7 @@ class LinearOperand(Protocol):
     def apply(self, x: jax.Array) -> jax.Array: ...
 
 
-class BaseWeight:
+class BaseWeight(Leaf):
     """Mixin for `LinearOperand`s that wrap a dense base `(out, in)` in a field named `base`:
     their shape and dtype are the base's."""
 

@@ -18,7 +18,7 @@ import optax
 from tqdm.auto import tqdm
 
 from deltajax import model as M
-from deltajax.eval.harness import token_nll
+from deltajax.eval.metrics import token_nll
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

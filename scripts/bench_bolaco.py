@@ -37,6 +37,7 @@ from deltajax.methods import FeatureLowRank, Keep, LowRank
 from deltajax.methods.featlowrank import output_error
 from deltajax.steps import calibrate
 from deltajax.steps import rank_search as RS
+from deltajax.tree import PROJ_PATTERN, Rule, flatten
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model.")
@@ -79,10 +80,10 @@ def main(argv):
                 E.perplexity(p, cfg, wiki, progress=False)["ppl"])
 
     # non-projection leaves keep a bf16 delta, as in every compressed checkpoint here
-    kept = delta.compress_tree(deltas, (delta.Rule(delta.PROJ_PATTERN, None),
-                                        delta.Rule(r".*", Keep())), progress=False)
+    kept = delta.compress(base, ft, (Rule(PROJ_PATTERN, None), Rule(r".*", Keep())),
+                          progress=False)
     base_kept = delta.merge(base, kept)
-    shapes = {n: tuple(x.shape) for n, x in delta.flatten(base).items()}
+    shapes = {n: tuple(x.shape) for n, x in flatten(base).items()}
     pb, pf = ppl(base), ppl(ft)
     print(f"base {pb}, fine-tune {pf} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     stats = calibrate.collect_stats(ft, cfg, calib, pool_size=FLAGS.pool_size, batch_size=8,
@@ -94,7 +95,7 @@ def main(argv):
     ratios = [1 / float(r) for r in FLAGS.ratios]
     bo_ratios = [1 / float(r) for r in FLAGS.bo_ratios]
     top = max(ratios + bo_ratios)
-    flat = delta.flatten(deltas)
+    flat = flatten(deltas)
     proj = [n for n in flat if n in held_stats]
     # basis widths: every part-1 rank and every BO cap (eigendecomposition once per matrix)
     need = [RS.uniform_ranks({n: shapes[n] for n in proj}, a) for a in ratios]
@@ -121,7 +122,7 @@ def main(argv):
     for a in ratios:
         uni = RS.uniform_ranks(facts["uncentered"].shapes, a)
         t0 = time.perf_counter()
-        lr = delta.compress_tree(deltas, delta.default_rules(LowRank(ratio=a)), progress=False)
+        lr = delta.compress(base, ft, LowRank(ratio=a), progress=False)
         lr = {n: v for n, v in lr.items() if n in uni}
         cands = {"LowRank (SVD)": (lr, True),
                  "FeatLowRank uncentered": (RS.compress_with_ranks(facts["uncentered"], uni),

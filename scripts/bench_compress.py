@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from deltajax.containers import LinearStats
 from deltajax.methods import DeltaCoMe
-from deltajax.steps.calibrate import LinearStats
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("layers", 32, "Decoder layers (Llama-2-7B: 32).")

@@ -21,12 +21,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from deltajax import accounting, delta
 from deltajax import data as D
-from deltajax import delta
 from deltajax.eval import harness as E
 from deltajax.io.resolve import load_model
-from deltajax.pipeline import compress_loaded
 from deltajax.steps import calibrate
+from deltajax.tree import flatten
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model (name or HF directory).")
@@ -82,6 +82,8 @@ def main(argv):
     else:
         pb, pf = ppl(base), ppl(ft)
     print(f"base {pb}, fine-tune {pf} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    deltas = delta.extract(base, ft)
+    shapes = {n: tuple(x.shape) for n, x in flatten(base).items()}
     held_stats = calibrate.collect_stats(ft, cfg, gsm[: max(4, FLAGS.eval_windows // 2)],
                                          batch_size=4)
     rows = []
@@ -100,17 +102,17 @@ def main(argv):
                          + ("" if n_cal else ", data-free"))
             else:
                 raise ValueError(f"unknown method {meth!r} in --methods")
-            res = compress_loaded(base, ft, cfg, {
+            comp = delta.compress(base, ft, {
                 "method": m, "keep_other": True, "seed": 0, "calib_windows": n_cal,
                 "calib_seq_len": FLAGS.calib_seq_len, "calib_batch_size": 8},
-                tok=tok, log=lambda *_: None)
-            out_err = float(np.mean(list(E.output_errors(res["deltas"], {
-                n: leaf for n, leaf in res["compressed"].items() if n in held_stats},
+                cfg=cfg, tokenizer=tok, progress=False)
+            out_err = float(np.mean(list(E.output_errors(deltas, {
+                n: leaf for n, leaf in comp.items() if n in held_stats},
                 held_stats).values())))
-            pc = ppl(delta.merge(base, res["compressed"]))
-            acc = res["accounting"]
+            pc = ppl(delta.merge(base, comp))
+            acc = accounting.account(comp, shapes)
             gain = (pb[0] - pc[0]) / (pb[0] - pf[0])
-            keep, groups = _groups(res["compressed"])
+            keep, groups = _groups(comp)
             rows.append((label, acc["linear_ratio"], acc["total_ratio"], out_err, pc[0], pc[1],
                          gain, keep, groups))
             print(f"{label}: {rows[-1][1:]} ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -31,8 +31,9 @@ from deltajax import accounting, delta
 from deltajax import data as D
 from deltajax.eval import harness as E
 from deltajax.io.resolve import load_model
-from deltajax.methods.dsnot import DSnoT, rules
+from deltajax.methods.dsnot import DSnoT
 from deltajax.steps import calibrate, prune
+from deltajax.tree import flatten
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model.")
@@ -98,7 +99,7 @@ def main(argv):
     if FLAGS.finetuned:
         ft, _, _, _ = load_model(FLAGS.finetuned)
         deltas = delta.extract(base, ft)
-        shapes = {n: tuple(x.shape) for n, x in delta.flatten(base).items()}
+        shapes = {n: tuple(x.shape) for n, x in flatten(base).items()}
         print("statistics: calibration and held-out", flush=True)
         cal_stats = calibrate.collect_stats(ft, cfg, calib, batch_size=8)
         held_stats = calibrate.collect_stats(ft, cfg, gsm[: max(4, FLAGS.eval_windows // 2)],
@@ -125,8 +126,7 @@ def main(argv):
                     t0 = time.perf_counter()
                     m = DSnoT(sparsity=sp, init=init, max_cycles=FLAGS.max_cycles,
                               **VARIANTS[var])
-                    comp = delta.compress_tree(deltas, rules(m, refine_mlp=True),
-                                               stats=cal_stats, progress=False)
+                    comp = delta.compress(base, ft, m, stats=cal_stats, progress=False)
                     acc = accounting.account(comp, shapes)
                     oe = E.output_errors(deltas, {n: v for n, v in comp.items()
                                                   if n in held_stats}, held_stats)
@@ -177,7 +177,7 @@ def main(argv):
 
 def _mean_swaps(m: DSnoT, deltas, stats) -> float:
     """Mean number of swaps per row over the attention projections (diagnostic)."""
-    flat = delta.flatten(deltas)
+    flat = flatten(deltas)
     swaps = jax.jit(lambda d, s: m.compute_mask(d, stats=s)[1].swaps)
     out = []
     for name, st in stats.items():

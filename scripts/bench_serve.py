@@ -34,9 +34,9 @@ import numpy as np
 from absl import app, flags
 
 from deltajax import model as M
-from deltajax.delta import PROJ_PATTERN  # noqa: F401  (documentation: which leaves get deltas)
 from deltajax.methods import make_method
 from deltajax.serve.multitenant import MultiTenantWeight
+from deltajax.tree import PROJ_PATTERN  # noqa: F401  (documentation: which leaves get deltas)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("layers", 32, "Decoder layers.")

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import time
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from deltajax import pipeline
+from deltajax import compress, delta, load_model, save_delta
+from deltajax.io.params_ckpt import check_destination
 from deltajax.parallel import sharding
 
 FLAGS = flags.FLAGS
@@ -43,11 +45,26 @@ flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:1,model:8' (product =
 def main(argv):
     del argv
     t0 = time.perf_counter()
+    check_destination(FLAGS.out, FLAGS.overwrite)  # fail before the expensive work
     mesh = sharding.mesh_from_flag(FLAGS.mesh, tag="compress")
-    res = pipeline.compress_pair(FLAGS.base, FLAGS.finetuned, FLAGS.config, out=FLAGS.out,
-                                 overwrite=FLAGS.overwrite, mesh=mesh)
-    print(res["report"])
-    print(f"[compress] wrote {res['out']} in {time.perf_counter() - t0:.1f} s")
+    base, cfg, tok, _ = load_model(FLAGS.base, mesh=mesh)
+    ft, ft_cfg, ft_tok, _ = load_model(FLAGS.finetuned, mesh=mesh)
+    delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
+    t1 = time.perf_counter()
+    comp = compress(base, ft, FLAGS.config, cfg=cfg, tokenizer=tok or ft_tok, mesh=mesh,
+                    log=print)
+    report, _ = delta.report(base, delta.extract(base, ft), comp,
+                             seconds=time.perf_counter() - t1)
+    print(report)
+    if jax.process_count() > 1:  # multi-host: every process needs the whole (small) delta
+        from jax.experimental import multihost_utils
+
+        comp = {n: leaf.replace(container=multihost_utils.process_allgather(
+            leaf.container, tiled=True)) for n, leaf in comp.items()}
+    out = save_delta(comp, FLAGS.out, cfg=cfg, base_params=base, overwrite=FLAGS.overwrite,
+                     extra={"config": FLAGS.config.to_dict(), "base": FLAGS.base,
+                            "finetuned": FLAGS.finetuned})
+    print(f"[compress] wrote {out} in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -23,13 +23,12 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from deltajax import attach, compress, delta, load_delta, load_model, save_delta
 from deltajax import data as D
-from deltajax import delta, pipeline
 from deltajax import train as F
-from deltajax.eval import harness as E
-from deltajax.io import delta_ckpt as delta_checkpoint
+from deltajax.eval import metrics as E
 from deltajax.io import hf
-from deltajax.io.resolve import describe, load_model
+from deltajax.io.resolve import describe
 from deltajax.io.smollm import cache_root
 from deltajax.serve import generate as G
 
@@ -72,13 +71,15 @@ def main(argv):
     delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
 
     t0 = time.perf_counter()
-    res = pipeline.compress_loaded(base, ft, cfg, FLAGS.config, tok=tok)
+    comp = compress(base, ft, FLAGS.config, cfg=cfg, tokenizer=tok, log=print)
     t_comp = time.perf_counter() - t0
+    report, acc = delta.report(base, delta.extract(base, ft), comp, seconds=t_comp)
+    method = next(leaf.method for leaf in comp.values() if leaf.method.on_the_fly)
     out = FLAGS.out or os.path.join(cache_root(), "demo-delta")
-    delta_checkpoint.save_delta(res["compressed"], out, cfg=cfg, base_params=base,
-                                rules=res["rules"], overwrite=True)
-    comp, _ = delta_checkpoint.load_delta(out, base_params=base, cfg=cfg)
-    attached = delta.attach(base, comp)
+    save_delta(comp, out, cfg=cfg, base_params=base, overwrite=True,
+               extra={"config": FLAGS.config.to_dict()})
+    comp, _ = load_delta(out, base_params=base, cfg=cfg)
+    attached = attach(base, comp)
 
     held = D.read_texts(D.default_file("gsm8k_heldout"), split="heldout")
     gsm = D.token_windows(tok, held, FLAGS.eval_seq_len, FLAGS.eval_windows)
@@ -93,8 +94,7 @@ def main(argv):
     prompt, _ = D.format_gsm8k(ex)
     gen = G.generate(attached, cfg, tok, [prompt], max_new_tokens=FLAGS.max_new_tokens)
 
-    acc = res["accounting"]
-    print("\n" + res["report"])
+    print("\n" + report)
     print(f"\n[demo] question: {ex['question']}")
     print(f"[demo] compressed fine-tune answers: {gen['texts'][0].strip()}")
     print(f"[demo] reference answer: {ex['answer'].split('####')[-1].strip()}")
@@ -102,7 +102,7 @@ def main(argv):
     for k, (g, w) in ppl.items():
         print(f"| {k} | {g:.3f} | {w:.3f} |")
     gain = (ppl["compressed"][0] - ppl["base"][0]) / (ppl["fine-tune"][0] - ppl["base"][0])
-    print(f"\n[demo] method {res['method'].name}: linear-layer ratio {acc['linear_ratio']:.2f}x, "
+    print(f"\n[demo] method {method.name}: linear-layer ratio {acc['linear_ratio']:.2f}x, "
           f"whole-checkpoint ratio {acc['total_ratio']:.2f}x; keeps {100 * gain:.1f}% of the "
           f"fine-tune's GSM8K perplexity gain")
     print(f"[demo] generation with the delta on the fly: {gen['tokens_per_s']:.1f} tokens/s "

@@ -34,8 +34,8 @@ from pathlib import Path
 import jax
 from absl import app, flags, logging
 
-from deltajax import delta
-from deltajax.io.resolve import describe, load_model
+from deltajax import attach, load_delta, load_model
+from deltajax.io.resolve import describe
 from deltajax.parallel import sharded, sharding
 from deltajax.serve import generate as G
 from deltajax.serve import multitenant
@@ -63,9 +63,6 @@ flags.DEFINE_enum("implementation", "auto", ["auto", "xla", "pallas_gpu", "palla
                   "Multi-tenant delta kernels.")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:1,model:8' (product = device count; "
                     "one axis may be -1). Default: no mesh (one device, today's behaviour).")
-flags.DEFINE_enum("mesh_kernels", "shard_map", ["shard_map", "gspmd"],
-                  "With --mesh and one delta: run delta kernels per shard (shard_map) or let "
-                  "GSPMD partition them.")
 
 
 def _split(values: list[str]) -> list[str]:
@@ -128,14 +125,12 @@ def main(argv):
 
     t0 = time.perf_counter()
     mesh = sharding.mesh_from_flag(FLAGS.mesh, tag="generate")
-    if mesh is not None:
-        base, cfg, tok, src = sharding.load_model_sharded(FLAGS.base, mesh)
-    else:
-        base, cfg, tok, src = load_model(FLAGS.base)
+    base, cfg, tok, src = load_model(FLAGS.base, mesh=mesh)
     if tok is None:
         raise SystemExit(f"error: {src} has no tokenizer files (tokenizer.json / "
                          "tokenizer_config.json); generation needs the checkpoint's tokenizer")
-    deltas, metas = multitenant.load_deltas(paths, base_params=base, cfg=cfg)
+    loaded = [load_delta(p, base_params=base, cfg=cfg) for p in paths]
+    deltas, metas = [d for d, _ in loaded], [m for _, m in loaded]
     if FLAGS.dtype:  # after the fingerprint check, which is of the stored base
         base = jax.tree.map(lambda w: w.astype(FLAGS.dtype), base)
     print(f"[generate] base {FLAGS.base}: {describe(cfg)}; loaded in "
@@ -144,22 +139,17 @@ def main(argv):
         methods = sorted({v["method"]["name"] for v in m["leaves"].values()})
         print(f"[generate] delta {i}: {p} ({', '.join(methods)})")
 
-    if mesh is not None:
-        deltas = [sharding.shard_compressed(d, mesh) for d in deltas]
     if not deltas:
         params, tids = base, None
     elif len(deltas) == 1 and all(t == 0 for t in ids):
+        params = attach(base, deltas[0], mesh=mesh)
         if mesh is not None:
-            params = sharded.attach_sharded(base, deltas[0], mesh, kernels=FLAGS.mesh_kernels)
             print(f"[generate] delta kernels per shard: {sharded.kernel_coverage(params)}")
-        else:
-            params = delta.attach(base, deltas[0])
         tids = None
     else:
         try:
-            params = multitenant.attach(base, deltas, other=FLAGS.other,
-                                        implementation=FLAGS.implementation)
-        except multitenant.TenantError as e:
+            params = attach(base, deltas, other=FLAGS.other, implementation=FLAGS.implementation)
+        except (multitenant.TenantError, NotImplementedError) as e:
             raise SystemExit(f"error: {e}\n(flags: --other=base or --other=per_row)") from None
         tids = ids
 

@@ -20,9 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from tiny_pair import compress_deltas
 
-from deltajax import delta
+from deltajax import delta, methods
 from deltajax import model as M  # noqa: E402
+from deltajax import tree as T
 from deltajax.io import hf
 from deltajax.methods import GPTQ, RTN, DeltaCoMe, LowRank  # noqa: E402
 from deltajax.parallel import (
@@ -30,6 +32,7 @@ from deltajax.parallel import (
     sharding,  # noqa: E402
 )
 from deltajax.serve import generate as G  # noqa: E402
+from deltajax.tree import Rule
 
 # 4 heads of 32, 2 KV heads: on model:4 every projection shards and the row-parallel packed codes
 # (K/4 = 32, 64) hold whole words and groups; on model:8 o_proj (K/8 = 16) falls back to GSPMD.
@@ -43,7 +46,7 @@ def _maxdiff(a, b) -> float:
 
 
 def _specs(tree) -> dict:
-    return {n: str(x.sharding.spec) for n, x in delta.flatten(tree).items()}
+    return {n: str(x.sharding.spec) for n, x in T.flatten(tree).items()}
 
 
 def _lap(t0):
@@ -82,11 +85,11 @@ def main(out_dir: str) -> dict:
     comps = {}
     deltas_sh = delta.extract(got, sharding.shard_params(ft, mesh))  # sharded like the base
     some = r"(q|o|gate|down)_proj\.weight$"  # both kinds, 3 shapes: fewer compiles
-    for meth, rules in ((RTN(bits=4, group=32), delta.default_rules(RTN(bits=4, group=32))),
-                        (LowRank(rank=8), (delta.Rule(some, LowRank(rank=8)),)),
+    for meth, rules in ((RTN(bits=4, group=32), methods.default_rules(RTN(bits=4, group=32))),
+                        (LowRank(rank=8), (Rule(some, LowRank(rank=8)),)),
                         (DeltaCoMe(ratio=1 / 4, group=32),
-                         (delta.Rule(some, DeltaCoMe(ratio=1 / 4, group=32)),))):
-        r = delta.compress_tree(deltas, rules, progress=False)
+                         (Rule(some, DeltaCoMe(ratio=1 / 4, group=32)),))):
+        r = compress_deltas(deltas, rules, progress=False)
         s = sharded.compress_tree_sharded(deltas_sh, rules, mesh, progress=False)
         res["compress"][meth.name] = {
             "same_keys": sorted(r) == sorted(s),
@@ -104,7 +107,7 @@ def main(out_dir: str) -> dict:
         entry = {}
         for spec in ("data:2,model:4", "data:1,model:8") if name == "rtn" else ("data:2,model:4",):
             m = sharding.make_mesh(spec)
-            p = sharded.attach_sharded(base, s, m)
+            p = delta.attach(base, s, mesh=m)
             entry[spec] = {"logits_maxdiff": _maxdiff(want, fwd(p, tok)),
                            "coverage": sharded.kernel_coverage(p)}
         entry["logit_scale"] = float(jnp.max(jnp.abs(want)))
@@ -114,7 +117,7 @@ def main(out_dir: str) -> dict:
     # 4) generate (prefill + while_loop decode, KV cache) sharded == unsharded, greedy tokens
     r, s = comps["rtn"]
     g_ref = G.generate_tokens(delta.attach(base, r), CFG, tok, max_new_tokens=6)
-    g_sh = G.generate_tokens(sharded.attach_sharded(base, s, mesh), CFG, tok, max_new_tokens=6)
+    g_sh = G.generate_tokens(delta.attach(base, s, mesh=mesh), CFG, tok, max_new_tokens=6)
     res["generate_equal"] = bool(np.array_equal(g_ref["tokens"], g_sh["tokens"]))
     res["generate_tokens"] = g_ref["tokens"].tolist()
 
@@ -123,7 +126,7 @@ def main(out_dir: str) -> dict:
     from deltajax.steps import calibrate
 
     ctok = jax.random.randint(jax.random.PRNGKey(3), (4, 16), 0, CFG.vocab_size)
-    rules = delta.default_rules(GPTQ(bits=4, group=32))
+    rules = methods.default_rules(GPTQ(bits=4, group=32))
     h_r, h_s = {}, {}
     r = calibrate.sequential_compress(base, ft, CFG, ctok, rules, batch_size=2, progress=False,
                                       on_stats=lambda k, st: h_r.setdefault(k, st.hessian))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tiny_pair import tiny_pair
 
-from deltajax import accounting, delta
+from deltajax import accounting, containers, delta, methods
 from deltajax import model as M
 from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.methods import GPTQ, RTN, DeltaCoMe, LowRank
@@ -92,7 +92,7 @@ def test_gidx_mode_stores_a_permutation_and_round_trips(tmp_path):
         x = jax.random.normal(jax.random.PRNGKey(5), (3, 160))
         np.testing.assert_allclose(np.asarray(m.matmul(x, c)), np.asarray(x @ m.decompress(c).T),
                                    rtol=1e-3, atol=1e-6)
-        leaf = delta.DeltaLeaf(container=c, method=m, shape=d.shape)
+        leaf = containers.DeltaLeaf(container=c, method=m, shape=d.shape)
         out = tmp_path / m.name
         delta_checkpoint.save_delta({"layers.0.mlp.up_proj.weight": leaf}, out, cfg=cfg,
                                     base_params=base)
@@ -146,7 +146,7 @@ def test_sequential_compress_beats_data_free_and_is_order_aware():
     calib = jax.random.randint(jax.random.PRNGKey(3), (16, 32), 0, cfg.vocab_size)
     held = jax.random.randint(jax.random.PRNGKey(4), (8, 32), 0, cfg.vocab_size)
     m = GPTQ(bits=2, group=32)
-    rules = delta.default_rules(m)
+    rules = methods.default_rules(m)
     seen = []
     seq = calibrate.sequential_compress(base, ft, cfg, calib, rules, batch_size=6,
                                         progress=False,
@@ -155,7 +155,7 @@ def test_sequential_compress_beats_data_free_and_is_order_aware():
                     "layers.0.gate_proj+up_proj", "layers.0.down_proj",
                     "layers.1.q_proj+k_proj+v_proj", "layers.1.o_proj",
                     "layers.1.gate_proj+up_proj", "layers.1.down_proj"]
-    free = delta.compress_tree(delta.extract(base, ft), rules, progress=False)
+    free = delta.compress(base, ft, rules, progress=False)
     assert set(seq) == set(free)
     assert _logit_err(cfg, ft, delta.merge(base, seq), held) < _logit_err(
         cfg, ft, delta.merge(base, free), held)
@@ -173,9 +173,9 @@ def test_sequential_deltacome_on_tiny_model():
     calib = jax.random.randint(jax.random.PRNGKey(5), (16, 32), 0, cfg.vocab_size)
     held = jax.random.randint(jax.random.PRNGKey(6), (8, 32), 0, cfg.vocab_size)
     m = DeltaCoMe(ratio=1 / 4, bands=((8, 2), (3, 4)))
-    rules = delta.default_rules(m)
+    rules = methods.default_rules(m)
     seq = calibrate.sequential_compress(base, ft, cfg, calib, rules, progress=False)
-    free = delta.compress_tree(delta.extract(base, ft), rules, progress=False)
+    free = delta.compress(base, ft, rules, progress=False)
     given = calibrate.sequential_compress(base, ft, cfg, calib, rules, progress=False,
                                           deltas=delta.extract(base, ft))
     name = "layers.1.mlp.down_proj.weight"
@@ -192,7 +192,7 @@ def test_sequential_deltacome_on_tiny_model():
 
 
 def test_gram_svd_matches_full_svd_on_leading_ranks():
-    from deltajax.methods.lowrank import svd
+    from deltajax.methods.common import svd
 
     for shape in [(300, 120), (120, 300)]:
         d = _spectral_delta(*shape, 9, decay=20.0)

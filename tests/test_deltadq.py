@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltajax import accounting, delta
+from deltajax import accounting, containers, delta, methods
 from deltajax import model as M
+from deltajax import tree as T
 from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.methods import DARE, REGISTRY, make_method
 from deltajax.methods.deltadq import DeltaDQ, group_counts, keep_positions
@@ -100,7 +101,7 @@ def test_checkpoint_round_trip(tmp_path):
     d = _gauss((96, 160), 3)
     x, _ = _correlated(k=160, tokens=256)
     c = m.compress(d, key=jax.random.PRNGKey(5), stats=calibrate.linear_stats(x))
-    comp = {"layers.0.mlp.up_proj.weight": delta.DeltaLeaf(container=c, method=m,
+    comp = {"layers.0.mlp.up_proj.weight": containers.DeltaLeaf(container=c, method=m,
                                                            shape=d.shape)}
     delta_checkpoint.save_delta(comp, tmp_path / "d", cfg=cfg, base_params=base)
     back, meta = delta_checkpoint.load_delta(tmp_path / "d", base_params=base, cfg=cfg)
@@ -220,12 +221,12 @@ def _tiny():
 def test_tiny_model_calibrated_and_attached():
     cfg, base, ft = _tiny()
     m = DeltaDQ(ratio=1 / 8, bits=2, qgroup=32)
-    rules = delta.default_rules(m)
+    rules = methods.default_rules(m)
     calib = jax.random.randint(jax.random.PRNGKey(3), (8, 16), 0, cfg.vocab_size)
     seq = calibrate.sequential_compress(base, ft, cfg, calib, rules, progress=False)
-    free = delta.compress_tree(delta.extract(base, ft), rules, progress=False)
+    free = delta.compress(base, ft, rules, progress=False)
     assert set(seq) == set(free)
-    shapes = {n: tuple(x.shape) for n, x in delta.flatten(base).items()}
+    shapes = {n: tuple(x.shape) for n, x in T.flatten(base).items()}
     acc = accounting.account(seq, shapes)
     assert 8.0 <= acc["linear_ratio"] < 8.5, acc["linear_ratio"]
     tok = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)

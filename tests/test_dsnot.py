@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltajax import accounting, delta
+from deltajax import accounting, containers, delta, methods
 from deltajax import model as M
+from deltajax import tree as T
 from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.methods import REGISTRY, make_method
 from deltajax.methods.dsnot import (
@@ -20,7 +21,6 @@ from deltajax.methods.dsnot import (
     initial_mask,
     num_pruned,
     refine_with_info,
-    rules,
 )
 from deltajax.steps import calibrate, prune
 from pallas_kernels import packing
@@ -252,7 +252,7 @@ def test_registered_and_contract(tmp_path):
                 assert b == {"masks": mask_b, "codes": n * kpad // 2,
                              "scales": 2 * n * kpad // 8, "zeros": 2 * n * kpad // 8}
             # checkpoint round trip
-            comp = {"layers.0.mlp.up_proj.weight": delta.DeltaLeaf(container=c, method=m,
+            comp = {"layers.0.mlp.up_proj.weight": containers.DeltaLeaf(container=c, method=m,
                                                                     shape=d.shape)}
             p = tmp_path / f"d{sp}_{vb}"
             delta_checkpoint.save_delta(comp, p, cfg=cfg, base_params=base)
@@ -322,12 +322,14 @@ def test_sequential_compress_attention_only_rules():
     cfg, base, toks = _tiny()
     ft = jax.tree.map(lambda w: w + 0.01 * jax.random.normal(jax.random.PRNGKey(1), w.shape),
                       base)
-    m = DSnoT(sparsity=0.8, threshold_seq_len=1.0, threshold=0.0, max_cycles=8)
+    m = DSnoT(sparsity=0.8, threshold_seq_len=1.0, threshold=0.0, max_cycles=8,
+              refine_mlp=False)
     seen = {}
-    comp = calibrate.sequential_compress(base, ft, cfg, toks, rules(m), progress=False,
+    comp = calibrate.sequential_compress(base, ft, cfg, toks, methods.default_rules(m),
+                                         progress=False,
                                          on_stats=lambda name, st: seen.setdefault(name, st))
     deltas = delta.extract(base, ft)
-    fd = delta.flatten(deltas)
+    fd = T.flatten(deltas)
     for name, leaf in comp.items():
         if not name.endswith("_proj.weight"):
             continue

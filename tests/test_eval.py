@@ -228,9 +228,7 @@ def test_script_end_to_end(base, tmp_path):
     fdir = hf.export_hf(ft, CFG, tmp_path / "ft")
     make_tokenizer(bdir)
     make_tokenizer(fdir)
-    comp = delta.compress_tree(delta.extract(base, ft), delta.default_rules(RTN(bits=4,
-                                                                                group=32)),
-                               progress=False)
+    comp = delta.compress(base, ft, RTN(bits=4, group=32), progress=False)
     saved = delta_checkpoint.save_delta(comp, tmp_path / "rtn4", cfg=CFG, base_params=base)
     other = perturb(base, jax.random.PRNGKey(9))
     wrong = delta_checkpoint.save_delta(comp, tmp_path / "wrong", cfg=CFG, base_params=other)

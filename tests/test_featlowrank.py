@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tiny_pair import tiny_pair
 
-from deltajax import accounting, delta
+from deltajax import accounting, containers, delta, methods
 from deltajax import model as M
 from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.methods import FeatureLowRank, LowRank, make_method
@@ -112,7 +112,8 @@ def test_contract_jit_matmul_accounting_checkpoint(mode, tmp_path):
     cfg = M.ModelConfig(vocab_size=16, hidden_size=40, intermediate_size=96, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2, head_dim=20)
     base = M.init_params(cfg, jax.random.PRNGKey(0))
-    comp = {"layers.0.mlp.up_proj.weight": delta.DeltaLeaf(container=c, method=m, shape=d.shape)}
+    comp = {"layers.0.mlp.up_proj.weight": containers.DeltaLeaf(container=c, method=m,
+                                                                shape=d.shape)}
     delta_checkpoint.save_delta(comp, tmp_path / "d", cfg=cfg, base_params=base)
     back, meta = delta_checkpoint.load_delta(tmp_path / "d", base_params=base, cfg=cfg)
     assert jax.tree.structure(back) == jax.tree.structure(comp)
@@ -207,12 +208,12 @@ def test_sequential_compress_and_attach(mode):
     calib = jax.random.randint(jax.random.PRNGKey(5), (8, 24), 0, cfg.vocab_size)
     held = jax.random.randint(jax.random.PRNGKey(6), (4, 24), 0, cfg.vocab_size)
     m = FeatureLowRank(ratio=1 / 4, mode=mode, pool_size=4)
-    rules = delta.default_rules(m)
+    rules = methods.default_rules(m)
     seen = []
     seq = calibrate.sequential_compress(base, ft, cfg, calib, rules, progress=False,
                                         on_stats=lambda n, st: seen.append(st))
     assert all((st.pool_cov is not None) == (mode == "pooled") for st in seen)
-    free = delta.compress_tree(delta.extract(base, ft), rules, progress=False)
+    free = delta.compress(base, ft, rules, progress=False)
 
     def err(params):
         return float(jnp.mean((M.forward(params, held, cfg)[0] - M.forward(ft, held, cfg)[0])

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from tiny_pair import perturb, tiny_base
 
-from deltajax import delta
+from deltajax import containers, delta
 from deltajax import model as M
 from deltajax.methods import RTN, BitDelta, LowRank
 from deltajax.serve import generate as G
-from deltajax.serve import multitenant
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = M.ModelConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
@@ -31,8 +30,7 @@ def base():
 
 def _comp(base, method, seed=1, keep_other=True):
     ft = perturb(base, jax.random.PRNGKey(seed))
-    return delta.compress_tree(delta.extract(base, ft),
-                               delta.default_rules(method, keep_other=keep_other), progress=False)
+    return delta.compress(base, ft, method, keep_other=keep_other, progress=False)
 
 
 def _prompts(b=3, t=8, seed=2):
@@ -183,7 +181,7 @@ def test_generate_text_chat_and_multitenant(base):
     text = G.format_prompt(tok, prompts[0], chat=True)
     assert text.startswith("<|im_start|> user hello w3 w4") and text.endswith("assistant ")
     comps = [_comp(base, BitDelta(), seed=s, keep_other=False) for s in (11, 12)]
-    mt = multitenant.attach(base, comps)
+    mt = delta.attach(base, comps)
     ids = [1, -1, 0]
     got = G.generate(mt, CFG, tok, prompts, max_new_tokens=6, chat=True, tenant_ids=ids,
                      stop_ids=[])
@@ -233,7 +231,7 @@ def test_script_generate_multitenant(base, tmp_path):
         timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tokens/s" in r.stdout and "chat=True" in r.stdout
-    want = G.generate(multitenant.attach(base, comps), CFG, tok, prompts, max_new_tokens=6,
+    want = G.generate(delta.attach(base, comps), CFG, tok, prompts, max_new_tokens=6,
                       chat=True, tenant_ids=[1, -1, 0])
     for i, (p, label) in enumerate(zip(prompts, ["delta 1", "base", "delta 0"])):
         assert f"=== [{i}] ({label}) {p}\n{want['texts'][i]}\n" in r.stdout, r.stdout
@@ -247,18 +245,17 @@ CFG128 = M.ModelConfig(vocab_size=53, hidden_size=128, intermediate_size=256,
 def test_attach_prepare_hopper_layout_keeps_logits():
     """attach(prepare=True): 4-bit group-128 deltas in the Mosaic GPU serving layout (on CPU
     the prepared form runs its reference); same logits as the stored form."""
-    from deltajax.methods.base import PreparedMatrix
+    from deltajax.containers import PreparedMatrix
 
     base = tiny_base(CFG128)
     ft = perturb(base, jax.random.PRNGKey(3))
-    comp = delta.compress_tree(delta.extract(base, ft),
-                               delta.default_rules(RTN(bits=4, group=128)), progress=False)
+    comp = delta.compress(base, ft, RTN(bits=4, group=128), progress=False)
     tok, mask = _prompts()
     stored = delta.attach(base, comp, prepare=False)
     prepared = delta.attach(base, comp, prepare=True)
     kinds = {type(w.delta.container).__name__ for w in jax.tree.leaves(
-        prepared, is_leaf=lambda v: isinstance(v, delta.DeltaWeight))
-        if isinstance(w, delta.DeltaWeight)}
+        prepared, is_leaf=lambda v: isinstance(v, containers.DeltaWeight))
+        if isinstance(w, containers.DeltaWeight)}
     assert kinds == {"PreparedMatrix"}
     a = M.forward_jit(stored, tok, CFG128, mask)
     b = M.forward_jit(prepared, tok, CFG128, mask)

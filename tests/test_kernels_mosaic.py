@@ -158,6 +158,7 @@ def test_attached_rtn4_delta_served_by_mosaic_gpu():
 
     from deltajax import delta
     from deltajax import model as M
+    from deltajax.containers import DeltaWeight
     from deltajax.methods import RTN
 
     cfg = M.ModelConfig(vocab_size=53, hidden_size=256, intermediate_size=512,
@@ -165,12 +166,11 @@ def test_attached_rtn4_delta_served_by_mosaic_gpu():
                         head_dim=64)
     base = jax.tree.map(lambda a: a.astype(BF16), tiny_base(cfg))
     ft = perturb(base, jax.random.PRNGKey(int(rng().integers(1 << 30))))
-    comp = delta.compress_tree(delta.extract(base, ft),
-                               delta.default_rules(RTN(bits=4, group=128)), progress=False)
+    comp = delta.compress(base, ft, RTN(bits=4, group=128), progress=False)
     tok = jnp.asarray(rng().integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
     auto = delta.attach(base, comp)
-    leaves = [w for w in jax.tree.leaves(auto, is_leaf=lambda v: isinstance(v, delta.DeltaWeight))
-              if isinstance(w, delta.DeltaWeight)]
+    leaves = [w for w in jax.tree.leaves(auto, is_leaf=lambda v: isinstance(v, DeltaWeight))
+              if isinstance(w, DeltaWeight)]
     assert leaves and all(type(w.delta.container).__name__ == "PreparedMatrix" for w in leaves)
     got = M.forward_jit(auto, tok, cfg)
     want = M.forward_jit(delta.attach(base, comp, prepare=False), tok, cfg)

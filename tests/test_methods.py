@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_pair import compress_deltas
 
-from deltajax import accounting, delta
+from deltajax import accounting, containers, delta, methods
 from deltajax import model as M
+from deltajax import tree as T
 from deltajax.io import delta_ckpt as delta_checkpoint
 from deltajax.methods import REGISTRY, RTN, BitDelta, LowRank, make_method
 from deltajax.steps.bitdelta_distill import distill_scales, logit_mse
@@ -69,7 +71,7 @@ def test_method_contract(name, tmp_path):
     cfg = M.ModelConfig(vocab_size=16, hidden_size=160, intermediate_size=96, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2, head_dim=80)
     base = M.init_params(cfg, jax.random.PRNGKey(0))
-    leaf = delta.DeltaLeaf(container=c, method=m, shape=d.shape)
+    leaf = containers.DeltaLeaf(container=c, method=m, shape=d.shape)
     comp = {"layers.0.mlp.up_proj.weight": leaf}
     delta_checkpoint.save_delta(comp, tmp_path / "d", cfg=cfg, base_params=base)
     back, meta = delta_checkpoint.load_delta(tmp_path / "d", base_params=base, cfg=cfg)
@@ -139,11 +141,10 @@ def _tiny():
 def test_attached_logits_equal_merged_logits(name):
     cfg, base, ft = _tiny()
     d = delta.extract(base, ft)
-    comp = delta.compress_tree(d, delta.default_rules(make_method(name, **CASES[name][0])),
-                               progress=False)
+    comp = compress_deltas(d, make_method(name, **CASES[name][0]), progress=False)
     tok = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
     att = delta.attach(base, comp)
-    assert any(isinstance(x, delta.DeltaWeight) for x in delta.flatten(att).values())
+    assert any(isinstance(x, containers.DeltaWeight) for x in T.flatten(att).values())
     la = M.forward(att, tok, cfg)[0]
     lm = M.forward(delta.merge(base, comp), tok, cfg)[0]
     np.testing.assert_allclose(np.asarray(la), np.asarray(lm), atol=2e-4)
@@ -151,8 +152,7 @@ def test_attached_logits_equal_merged_logits(name):
 
 def test_bitdelta_distillation_lowers_logit_mse():
     cfg, base, ft = _tiny()
-    comp = delta.compress_tree(delta.extract(base, ft), delta.default_rules(BitDelta()),
-                               progress=False)
+    comp = delta.compress(base, ft, BitDelta(), progress=False)
     tok = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (8, 24), 0, cfg.vocab_size))
     before = logit_mse(base, ft, comp, cfg, tok)
     comp2, losses = distill_scales(base, ft, comp, cfg, tok, steps=25, lr=3e-3, log=None)
@@ -186,8 +186,8 @@ def test_extract_rejects_mismatches_and_nan():
 def test_accounting_is_exact_and_rules_drop_or_keep():
     cfg, base, ft = _tiny()
     d = delta.extract(base, ft)
-    shapes = {n: tuple(x.shape) for n, x in delta.flatten(base).items()}
-    comp = delta.compress_tree(d, delta.default_rules(RTN(bits=2, group=32)), progress=False)
+    shapes = {n: tuple(x.shape) for n, x in T.flatten(base).items()}
+    comp = compress_deltas(d, RTN(bits=2, group=32), progress=False)
     acc = accounting.account(comp, shapes)
     lin = [n for n in shapes if n.endswith("_proj.weight")]
     n_lin = sum(int(np.prod(shapes[n])) for n in lin)
@@ -197,8 +197,7 @@ def test_accounting_is_exact_and_rules_drop_or_keep():
                                          "zeros": groups // 2}
     assert acc["linear_ratio"] == pytest.approx(2 * n_lin / (codes + groups))
     assert set(acc["kept"]) == set(shapes) - set(lin) and not acc["dropped"]
-    comp2 = delta.compress_tree(d, delta.default_rules(RTN(bits=2, group=32), keep_other=False),
-                                progress=False)
+    comp2 = compress_deltas(d, RTN(bits=2, group=32), keep_other=False, progress=False)
     acc2 = accounting.account(comp2, shapes)
     assert set(acc2["dropped"]) == set(shapes) - set(lin) and acc2["kept_bytes"] == 0
     assert acc2["total_ratio"] > acc["total_ratio"]
@@ -207,8 +206,7 @@ def test_accounting_is_exact_and_rules_drop_or_keep():
 
 def test_delta_checkpoint_refuses_wrong_base_and_save_is_atomic(tmp_path, monkeypatch):
     cfg, base, ft = _tiny()
-    comp = delta.compress_tree(delta.extract(base, ft), delta.default_rules(RTN(bits=4)),
-                               progress=False)
+    comp = delta.compress(base, ft, RTN(bits=4), progress=False)
     out = tmp_path / "delta"
     delta_checkpoint.save_delta(comp, out, cfg=cfg, base_params=base)
     meta = json.loads((out / "meta.json").read_text())
@@ -240,7 +238,6 @@ def test_streaming_compress_checkpoint_equals_in_memory(tmp_path):
     from hf_tiny import make_tiny_hf
 
     from deltajax.io import hf
-    from deltajax.pipeline import compress_checkpoint
 
     b = make_tiny_hf("llama_gqa", tmp_path / "base", seed=0)
     f = make_tiny_hf("llama_gqa", tmp_path / "ft", seed=0, max_shard_size="20KB")
@@ -252,9 +249,9 @@ def test_streaming_compress_checkpoint_equals_in_memory(tmp_path):
                      metadata={"format": "pt"})
     cfg = hf.load_config(b)
     base, ft = hf.load_params(b, cfg), hf.load_params(f, cfg)
-    rules = delta.default_rules(RTN(bits=3, group=32))
-    ref = delta.compress_tree(delta.extract(base, ft), rules, progress=False)
-    got = compress_checkpoint(b, f, rules, progress=False)
+    rules = methods.default_rules(RTN(bits=3, group=32))
+    ref = delta.compress(base, ft, rules, progress=False)
+    got = delta.compress(str(b), str(f), rules, progress=False)  # streamed from the dirs
     assert set(got) == set(ref)
     for n in ref:
         for x, y in zip(jax.tree.leaves(got[n]), jax.tree.leaves(ref[n])):

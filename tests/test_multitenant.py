@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltajax import delta
+from deltajax import containers, delta, methods
 from deltajax import model as M
-from deltajax.delta import Rule
+from deltajax import tree as T
 from deltajax.methods import RTN, BitDelta, Keep, LowRank
 from deltajax.serve import multitenant
 from deltajax.serve.multitenant import MultiTenantWeight, TenantError, TenantVector
+from deltajax.tree import PROJ_PATTERN, Rule
 
 CFG = M.ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -44,7 +45,7 @@ def _finetunes(base, n=3):
 
 
 def _compress(base, fts, rules):
-    return [delta.compress_tree(delta.extract(base, ft), rules, progress=False) for ft in fts]
+    return [delta.compress(base, ft, rules, progress=False) for ft in fts]
 
 
 def _batch(cfg, b=4, t=7, seed=1):
@@ -71,8 +72,8 @@ def pair():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_mixed_batch_equals_each_tenant_alone(pair, name):
     base, fts = pair
-    comps = _compress(base, fts, delta.default_rules(METHODS[name], keep_other=False))
-    mt = multitenant.attach(base, comps)
+    comps = _compress(base, fts, methods.default_rules(METHODS[name], keep_other=False))
+    mt = delta.attach(base, comps)
     w = mt["layers"][0]["self_attn"]["q_proj"]["weight"]
     assert isinstance(w, MultiTenantWeight) and w.num_tenants == 3
     tok, mask = _batch(CFG)
@@ -94,7 +95,7 @@ def test_mixed_batch_kernels_interpret(pair, impl):
     x = jax.random.normal(jax.random.PRNGKey(3), (3, 5, CFG.hidden_size))
     ids = jnp.asarray([1, -1, 0])
     for m in (BitDelta(), RTN(bits=4, group=32)):
-        comps = _compress(base, fts[:2], delta.default_rules(m, keep_other=False))
+        comps = _compress(base, fts[:2], methods.default_rules(m, keep_other=False))
         name = "layers.0.mlp.up_proj.weight"
         leaves = [c[name] for c in comps]
         w_base = base["layers"][0]["mlp"]["up_proj"]["weight"]
@@ -104,15 +105,15 @@ def test_mixed_batch_kernels_interpret(pair, impl):
         want = MultiTenantWeight(**kw, implementation="xla").apply(x)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
         for r, t in enumerate([1, -1, 0]):  # = each tenant's own DeltaWeight
-            one = w_base if t < 0 else delta.DeltaWeight(base=w_base, delta=leaves[t])
+            one = w_base if t < 0 else containers.DeltaWeight(base=w_base, delta=leaves[t])
             np.testing.assert_allclose(np.asarray(got[r]), np.asarray(
                 jnp.asarray(x[r] @ w_base.T) if t < 0 else one.apply(x[r])), atol=1e-4)
 
 
 def test_changing_ids_does_not_recompile(pair):
     base, fts = pair
-    comps = _compress(base, fts, delta.default_rules(BitDelta(), keep_other=False))
-    mt = multitenant.attach(base, comps)
+    comps = _compress(base, fts, methods.default_rules(BitDelta(), keep_other=False))
+    mt = delta.attach(base, comps)
     traces = []
 
     @jax.jit
@@ -132,24 +133,24 @@ def test_other_leaves_error_base_and_per_row():
     cfg = UNTIED_BIAS
     base = _base(cfg, seed=5)
     fts = _finetunes(base, 2)
-    full = _compress(base, fts, delta.default_rules(RTN(bits=4, group=32)))  # keeps embed, norms
+    full = _compress(base, fts, methods.default_rules(RTN(bits=4, group=32)))  # keeps embed, norms
     with pytest.raises(TenantError, match="keep_other=False"):
-        multitenant.attach(base, full)
+        delta.attach(base, full)
     with pytest.raises(TenantError, match="embed"):
-        multitenant.attach(base, full, other="per_row")
+        delta.attach(base, full, other="per_row")
     tok, mask = _batch(cfg, b=3)
     ids = [1, -1, 0]
 
     # "base": only the linear deltas (incl. the untied lm_head's kept delta) are applied
-    mt = multitenant.with_tenants(multitenant.attach(base, full, other="base"), ids)
-    lin = [{n: lf for n, lf in c.items() if multitenant._is_linear(n)} for c in full]
+    mt = multitenant.with_tenants(delta.attach(base, full, other="base"), ids)
+    lin = [{n: lf for n, lf in c.items() if T.is_linear(n)} for c in full]
     got = np.asarray(M.forward_jit(mt, tok, cfg, mask))
     np.testing.assert_allclose(got, _alone(base, lin, ids, tok, mask, cfg), atol=2e-4, rtol=1e-4)
 
     # "per_row": norms and biases follow each row's tenant too
-    rules = (Rule(r"embed_tokens", None), *delta.default_rules(RTN(bits=4, group=32)))
+    rules = (Rule(r"embed_tokens", None), *methods.default_rules(RTN(bits=4, group=32)))
     comps = _compress(base, fts, rules)
-    mt = multitenant.attach(base, comps, other="per_row", tenant_ids=ids)
+    mt = delta.attach(base, comps, other="per_row", tenants=ids)
     assert isinstance(mt["norm"]["weight"], TenantVector)
     assert isinstance(mt["layers"][0]["self_attn"]["q_proj"]["bias"], TenantVector)
     assert isinstance(mt["lm_head"]["weight"], MultiTenantWeight)
@@ -161,18 +162,18 @@ def test_other_leaves_error_base_and_per_row():
 
 def test_incompatible_deltas_and_bad_ids_are_refused(pair):
     base, fts = pair
-    a = _compress(base, fts[:1], delta.default_rules(BitDelta(), keep_other=False))[0]
-    b = _compress(base, fts[1:2], delta.default_rules(RTN(bits=4, group=32),
+    a = _compress(base, fts[:1], methods.default_rules(BitDelta(), keep_other=False))[0]
+    b = _compress(base, fts[1:2], methods.default_rules(RTN(bits=4, group=32),
                                                       keep_other=False))[0]
     with pytest.raises(TenantError, match="uses"):
-        multitenant.attach(base, [a, b])
+        delta.attach(base, [a, b])
     c = dict(a)
     c.pop("layers.1.mlp.down_proj.weight")
     with pytest.raises(TenantError, match="missing in delta 1"):
-        multitenant.attach(base, [a, c])
+        delta.attach(base, [a, c])
     with pytest.raises(TenantError, match="at least one"):
-        multitenant.attach(base, [])
-    mt = multitenant.attach(base, [a, a])
+        delta.attach(base, [])
+    mt = delta.attach(base, [a, a])
     with pytest.raises(TenantError, match="out of range"):
         multitenant.with_tenants(mt, [0, 2])
     tok, _ = _batch(CFG, b=3)
@@ -184,8 +185,8 @@ def test_incompatible_deltas_and_bad_ids_are_refused(pair):
 
 def test_keep_method_on_projection_uses_generic_path(pair):
     base, fts = pair
-    comps = _compress(base, fts[:2], (Rule(delta.PROJ_PATTERN, Keep(dtype="float32")),))
-    mt = multitenant.attach(base, comps, tenant_ids=[1, 0, -1])
+    comps = _compress(base, fts[:2], (Rule(PROJ_PATTERN, Keep(dtype="float32")),))
+    mt = delta.attach(base, comps, tenants=[1, 0, -1])
     tok, mask = _batch(CFG, b=3)
     got = np.asarray(M.forward_jit(mt, tok, CFG, mask))
     want = _alone(base, comps, [1, 0, -1], tok, mask, CFG)
@@ -195,7 +196,7 @@ def test_keep_method_on_projection_uses_generic_path(pair):
 
 def test_quantized_matrix_with_act_order_perm():
     """QuantizedMatrix with a column permutation (GPTQ act-order): rows gather their own order."""
-    from deltajax.methods import quantize_rtn
+    from deltajax.containers import quantize_rtn
 
     rng = np.random.default_rng(0)
     n, k, t = 48, 80, 3
@@ -235,7 +236,7 @@ def test_deltacome_stored_kernel_interpret(pair):
     want = MultiTenantWeight(**kw, implementation="xla").apply(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
     for r, t in enumerate([1, -1, 0]):
-        one = delta.DeltaWeight(base=w_base, delta=leaves[t]).apply(x[r]) if t >= 0 else (
+        one = containers.DeltaWeight(base=w_base, delta=leaves[t]).apply(x[r]) if t >= 0 else (
             x[r] @ w_base.T)
         np.testing.assert_allclose(np.asarray(got[r]), np.asarray(one), atol=1e-4)
     assert np.abs(np.asarray(got[0]) - np.asarray(x[0] @ w_base.T)).max() > 1e-3

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_pair import tiny_pair
+from tiny_pair import compress_deltas, tiny_pair
 
 from deltajax import accounting, delta
 from deltajax import model as M
+from deltajax import tree as T
 from deltajax.methods import FeatureLowRank
 from deltajax.steps import calibrate
 from deltajax.steps import rank_search as RS
@@ -93,7 +94,7 @@ def test_lm_objective_factorization_and_exact_containers(mode):
     assert len(fact.deltas) == 14
     uni = RS.uniform_ranks(fact.shapes, 1 / 4)
     exact = RS.compress_with_ranks(fact, uni)
-    flat = delta.flatten(deltas)
+    flat = T.flatten(deltas)
     for n in ("layers.0.self_attn.k_proj.weight", "layers.1.mlp.down_proj.weight"):
         want = FeatureLowRank(rank=uni[n], mode=mode, pool_size=4).compress(flat[n],
                                                                            stats=stats[n])
@@ -103,8 +104,7 @@ def test_lm_objective_factorization_and_exact_containers(mode):
         assert exact[n].method.rank == uni[n]
     acc = accounting.account(exact, fact.shapes)
     assert acc["linear_bytes"] == RS.total_bytes(fact.shapes, uni, bias=fact.bias)
-    kept = {n: lf for n, lf in delta.compress_tree(deltas, delta.default_rules(method),
-                                                   stats=stats, progress=False).items()
+    kept = {n: lf for n, lf in compress_deltas(deltas, method, stats=stats, progress=False).items()
             if n not in fact.deltas}
     base_kept = delta.merge(base, kept)
     lm = RS.LMObjective(base_kept, cfg, fact, held, ft, batch_size=2)

@@ -38,3 +38,14 @@ def perturb(p, key):
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(treedef, [w + 0.05 * jax.random.normal(k, w.shape)
                                         for k, w in zip(keys, leaves)])
+
+
+def compress_deltas(deltas, method, **kw):
+    """`deltajax.compress` of a bare delta tree (a zero base plus `deltas`), for tests that build
+    the delta directly."""
+    import jax.numpy as jnp
+
+    from deltajax import delta
+
+    zeros = jax.tree.map(jnp.zeros_like, deltas)
+    return delta.compress(zeros, deltas, method, **kw)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deltajax import accounting
-from deltajax.delta import DeltaLeaf, flatten
+from deltajax.containers import DeltaLeaf, LinearStats
 from deltajax.io.params_ckpt import (
     CheckpointError,
     atomic_dir,
@@ -34,6 +34,7 @@ from deltajax.io.params_ckpt import (
     library_version,
 )
 from deltajax.methods import method_from_config
+from deltajax.tree import flatten
 
 FORMAT = "deltajax.compressed_delta"
 FORMAT_VERSION = 1
@@ -135,13 +136,7 @@ def _abstract_container(m, shape, saved_keys):
     d = jax.ShapeDtypeStruct(shape, jnp.float32)
     cands = [jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)), d)]
     if m.needs_stats:
-        from deltajax.steps.calibrate import LinearStats
-
-        k = shape[-1]
-        st = LinearStats(hessian=jax.ShapeDtypeStruct((k, k), jnp.float32),
-                         mean=jax.ShapeDtypeStruct((k,), jnp.float32),
-                         sq=jax.ShapeDtypeStruct((k,), jnp.float32),
-                         count=jax.ShapeDtypeStruct((), jnp.float32))
+        st = LinearStats.abstract(shape[-1])
         cands.append(jax.eval_shape(
             lambda d, st: m.compress(d, key=jax.random.PRNGKey(0), stats=st), d, st))
     if saved_keys is None:

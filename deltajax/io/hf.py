@@ -115,7 +115,7 @@ def _is_ignored(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq")  # non-persistent RoPE buffers of old checkpoints
 
 
-def _scan(hf_dir: Path, cfg: ModelConfig) -> tuple[dict[str, TensorRef], TensorRef | None]:
+def scan_tensors(hf_dir: Path, cfg: ModelConfig) -> tuple[dict[str, TensorRef], TensorRef | None]:
     """Validates every header against `cfg`; returns {param name: tensor} and a tied lm_head.
 
     Raises:
@@ -251,7 +251,7 @@ def load_params(
     out_dtype = None if dtype is None else jnp.dtype(dtype)
     if out_dtype is not None and not _np_float(out_dtype):
         raise ValueError(f"dtype must be a float dtype, got {out_dtype}")
-    by_name, tied_head = _scan(hf_dir, cfg)
+    by_name, tied_head = scan_tensors(hf_dir, cfg)
 
     from tqdm.auto import tqdm
 

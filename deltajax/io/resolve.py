@@ -41,14 +41,28 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
 
 
-def load_model(spec: str, *, dtype=None, progress: bool = False):
-    """(params, cfg, tokenizer or None, source dir) of an HF dir, checkpoint or 'smollm2'."""
+def load_model(spec: str, *, dtype=None, mesh=None, progress: bool = False):
+    """(params, cfg, tokenizer or None, source dir) of an HF dir, a converted checkpoint or
+    'smollm2' — the one door for loading a model.
+
+    Args:
+      spec: an HF directory (safetensors, sharded, `.bin`), a converted checkpoint, 'smollm2'.
+      dtype: cast floating leaves to this dtype while loading (default: as stored).
+      mesh: a `jax.sharding.Mesh`: every tensor is read straight into its shards by
+        `parallel.sharding.PARAM_RULES` (no host holds the whole model).
+      progress: a per-tensor progress bar.
+    """
     p = resolve_model_dir(spec)
+    sharding = None
+    if mesh is not None:
+        from deltajax.parallel import sharding as sh
+
+        sharding = sh.param_sharding_fn(mesh)
     if is_converted_checkpoint(p):
-        params, cfg = checkpoint.load_params_ckpt(p, dtype=dtype)
+        params, cfg = checkpoint.load_params_ckpt(p, dtype=dtype, sharding=sharding)
     else:
         cfg = hf.load_config(p)
-        params = hf.load_params(p, cfg, dtype=dtype, progress=progress)
+        params = hf.load_params(p, cfg, dtype=dtype, sharding=sharding, progress=progress)
     return params, cfg, load_tokenizer(p), p
 
 

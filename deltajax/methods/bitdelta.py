@@ -11,25 +11,21 @@ d_in % 32 == 0.
 
 from __future__ import annotations
 
-import flax.struct
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
+from deltajax.containers import SignDelta
 from deltajax.methods.base import Method, method_dataclass
 from pallas_kernels import packing
 from pallas_kernels.sign_matmul import sign_matmul
 
 
-@flax.struct.dataclass
-class SignDelta:
-    words: jax.Array  # (k_pad/32, n) uint32, bit set = +scale
-    scale: jax.Array  # () float32
-    k: int = flax.struct.field(pytree_node=False)
-
-
 @method_dataclass
 class BitDelta(Method):
     name = "bitdelta"
+    distillable: ClassVar[bool] = True  # scales tuned by steps.bitdelta_distill
 
     def compress(self, delta, *, key=None, stats=None) -> SignDelta:
         n, k = delta.shape

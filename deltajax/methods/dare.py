@@ -13,25 +13,12 @@ storage). Invariant: E[Δ̂] = Δ.
 
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from deltajax.methods.base import SCALE_DTYPES, Method, method_dataclass
-
-
-@flax.struct.dataclass
-class MaskedDelta:
-    values: jax.Array  # (n, k_keep) kept (rescaled) values, in column order within each row
-    key: jax.Array  # (2,) uint32 PRNG key data the mask is regenerated from
-    k: int = flax.struct.field(pytree_node=False)
-
-
-def keep_positions(key_data: jax.Array, n: int, k: int, k_keep: int) -> jax.Array:
-    """(n, k_keep) sorted column indices kept in each row, regenerated from the key."""
-    u = jax.random.uniform(jax.random.wrap_key_data(key_data), (n, k))
-    idx = jnp.argsort(u, axis=1)[:, :k_keep]
-    return jnp.sort(idx, axis=1)
+from deltajax.containers import SCALE_DTYPES, MaskedDelta
+from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.common import keep_positions
 
 
 @method_dataclass

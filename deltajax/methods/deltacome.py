@@ -36,38 +36,22 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from deltajax.methods import gptq_core as gptq
-from deltajax.methods.base import (
+from deltajax.containers import (
     SCALE_DTYPES,
-    Method,
+    DeltaCoMeDelta,
     effective_group,
-    method_dataclass,
     pack_quantized,
     quantize_rtn,
 )
-from deltajax.methods.lowrank import svd
+from deltajax.methods import gptq_core as gptq
+from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.common import svd
 from pallas_kernels import packing
 
 _HI = jax.lax.Precision.HIGHEST
-
-
-@flax.struct.dataclass
-class DeltaCoMeDelta:
-    """Bands of a Delta-CoMe delta: Δ ≈ Σ_b deq(u_b)ᵀ · diag(s_b) · deq(v_b).
-
-    v: per band QuantizedMatrix (r_b, d_in) = V_bᵀ; u: per band QuantizedMatrix (r_b, d_out) = U_bᵀ;
-    s: per band (r_b,) singular values. n, k: the delta's (d_out, d_in).
-    """
-
-    v: tuple
-    u: tuple
-    s: tuple
-    n: int = flax.struct.field(pytree_node=False)
-    k: int = flax.struct.field(pytree_node=False)
 
 
 def _factor_bytes(dim: int, bits: int, group: int, sym: bool, scale_bytes: int) -> int:
@@ -131,6 +115,7 @@ class DeltaCoMe(Method):
     bands: tuple = ((8, 2), (3, 32))
     fill_bits: int = 2
     budget: str = "true"
+
     group: int = 128
     sym: bool = False
     act_order: bool = True
@@ -139,6 +124,9 @@ class DeltaCoMe(Method):
     scale_dtype: str = "bfloat16"
     s_dtype: str = "bfloat16"
     svd: str = "full"  # or "gram" (eigh of the Gram matrix: faster on GPU for big matrices)
+
+    def budget_note(self) -> str | None:
+        return f"nominal α = 1/{1 / self.ratio:.4g} (budget: {self.budget})"
 
     def __post_init__(self):
         object.__setattr__(self, "bands", tuple(tuple(int(v) for v in b) for b in self.bands))

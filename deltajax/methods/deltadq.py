@@ -53,43 +53,25 @@ from __future__ import annotations
 import functools
 from typing import ClassVar
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deltajax.methods.base import (
+from deltajax.containers import (
     SCALE_DTYPES,
-    Method,
+    DeltaDQDelta,
     QuantizedMatrix,
     effective_group,
-    method_dataclass,
     minmax_params,
     pack_quantized,
     quantize_codes,
 )
+from deltajax.methods.base import Method, method_dataclass
 from pallas_kernels import packing
 
 _HI = jax.lax.Precision.HIGHEST
 KEY_BYTES = 8  # (2,) uint32 PRNG key data
 CHOICE_BYTES = 1  # (1,) uint8 index of the chosen group size
-
-
-@flax.struct.dataclass
-class DeltaDQDelta:
-    """Kept values of a group-wise dropped delta, quantized and packed; mask from `key`.
-
-    values: `QuantizedMatrix` of shape (1, n·K) (bit-plane parts, scales, zeros), row-major kept
-    values; key: (2,) uint32 PRNG key data; choice: (1,) uint8 index into `groups`.
-    """
-
-    values: QuantizedMatrix
-    key: jax.Array
-    choice: jax.Array
-    n: int = flax.struct.field(pytree_node=False)
-    k: int = flax.struct.field(pytree_node=False)
-    keep: int = flax.struct.field(pytree_node=False)  # K kept entries per row
-    groups: tuple = flax.struct.field(pytree_node=False)  # candidate group sizes
 
 
 def group_counts(k: int, g: int, keep: int) -> np.ndarray:
@@ -146,6 +128,7 @@ class DeltaDQ(Method):
     budget: ClassVar[str] = "true"  # the ratio counts every stored byte (for reports)
 
     ratio: float = 1 / 16
+
     bits: int = 2  # lowest logit KL on the SmolLM2 pair at 16x/32x (benchmarks/quality.md)
     qgroup: int = 64
     sym: bool = False
@@ -153,6 +136,9 @@ class DeltaDQ(Method):
     min_group: int = 4
     max_group: int = 1024
     scale_dtype: str = "bfloat16"
+
+    def budget_note(self) -> str | None:
+        return f"nominal α = 1/{1 / self.ratio:.4g} (budget: {self.budget})"
 
     def __post_init__(self):
         if not 0.0 < self.ratio <= 1.0:

@@ -65,20 +65,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from deltajax.methods.base import (
+from deltajax.containers import (
     SCALE_DTYPES,
-    Method,
-    QuantizedMatrix,
-    method_dataclass,
+    SparseDelta,
     quantize_rtn,
 )
-from deltajax.methods.dare import keep_positions
+from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.common import keep_positions
+from deltajax.tree import MLP_PATTERN, Rule
 from pallas_kernels import packing
 
 INITS = ("magnitude", "wanda", "random")
@@ -297,41 +297,9 @@ def pack_mask(keep: jax.Array, layout: str, k_keep: int) -> jax.Array:
     return idx.astype(jnp.uint16 if k <= 65536 else jnp.uint32)
 
 
-def unpack_mask(packed: jax.Array, layout: str, n: int, k: int) -> jax.Array:
-    """(n, k) bool keep-mask from `pack_mask`'s output."""
-    if layout == "bitmap":
-        return packing.unpack_plane(packed, 1)[:k].T.astype(bool)
-    idx = packed.astype(jnp.int32)
-    return jnp.zeros((n, k), bool).at[jnp.arange(n)[:, None], idx].set(True)
-
-
 def kept_columns(keep: jax.Array, k_keep: int) -> jax.Array:
     """(n, k_keep) ascending column indices of the kept entries (each row keeps k_keep)."""
     return jnp.argsort(~keep, axis=1, stable=True)[:, :k_keep].astype(jnp.int32)
-
-
-@flax.struct.dataclass
-class SparseDelta:
-    """A sparse delta with an explicit mask.
-
-    mask: bitmap (k_pad/32, n) uint32 or (n, k_keep) uint16 column indices (see `layout`);
-    values: (n, k_keep) kept values in column order (bf16/fp16/fp32), or a `QuantizedMatrix` of
-    that (n, k_keep) matrix (groups along the kept entries of a row).
-    """
-
-    mask: jax.Array
-    values: Any
-    layout: str = flax.struct.field(pytree_node=False)
-    n: int = flax.struct.field(pytree_node=False)
-    k: int = flax.struct.field(pytree_node=False)
-
-    def keep_mask(self) -> jax.Array:
-        return unpack_mask(self.mask, self.layout, self.n, self.k)
-
-    def kept_values(self) -> jax.Array:
-        if isinstance(self.values, QuantizedMatrix):
-            return self.values.dequantize()
-        return self.values.astype(jnp.float32)
 
 
 # -------------------------------------------------------------------------------- the method
@@ -345,7 +313,8 @@ class DSnoT(Method):
     only); max_cycles, threshold, threshold_seq_len, pow_of_var, stop_rule (see
     `dsnot_refine`); rescale (multiply kept values by k/k_keep, DARE's rescaling, "random" init
     only); dtype of stored values; value_bits (0: store values in `dtype`; 1..8: min-max
-    quantized with the shared quantizer, `value_group` kept entries per group, bf16 scales).
+    quantized with the shared quantizer, `value_group` kept entries per group, bf16 scales);
+    refine_mlp (False: MLP projections keep their initial mask, see `extra_rules`).
     """
 
     name: ClassVar[str] = "dsnot"
@@ -363,6 +332,14 @@ class DSnoT(Method):
     dtype: str = "bfloat16"
     value_bits: int = 0
     value_group: int = 128
+    refine_mlp: bool = True
+
+    def extra_rules(self) -> tuple:
+        """With ``refine_mlp=False`` (the original's ``--skip_layer mlp`` default): the MLP
+        projections keep their initial mask (this method with ``refine=False``)."""
+        if self.refine_mlp or not self.refine:
+            return ()
+        return (Rule(MLP_PATTERN, dataclasses.replace(self, refine=False, refine_mlp=True)),)
 
     def _check(self):
         if self.init not in INITS:
@@ -421,29 +398,8 @@ class DSnoT(Method):
 
     def decompress(self, c: SparseDelta) -> jax.Array:
         if c.layout == "bitmap":
-            cols = kept_columns(c.keep_mask(), _kept_count(c))
+            cols = kept_columns(c.keep_mask(), c.kept_count)
         else:
             cols = c.mask.astype(jnp.int32)
         out = jnp.zeros((c.n, c.k), jnp.float32)
         return out.at[jnp.arange(c.n)[:, None], cols].set(c.kept_values())
-
-
-def _kept_count(c: SparseDelta) -> int:
-    if isinstance(c.values, QuantizedMatrix):
-        return c.values.k
-    return c.values.shape[1]
-
-
-# --------------------------------------------------------------------------------- rules
-
-
-def rules(method: DSnoT, *, refine_mlp: bool = False, keep_other: bool = True,
-          keep_dtype: str = "bfloat16"):
-    """Rules for a model: attention projections → `method`; MLP projections → `method` with
-    ``refine=False`` unless `refine_mlp` (the original's default ``--skip_layer mlp``); other
-    leaves as `delta.default_rules`."""
-    from deltajax.delta import Rule, default_rules
-
-    mlp = method if refine_mlp else dataclasses.replace(method, refine=False)
-    return (Rule(r"(^|\.)(gate|up|down)_proj\.weight$", mlp),
-            *default_rules(method, keep_other=keep_other, keep_dtype=keep_dtype))

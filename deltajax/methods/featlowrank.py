@@ -39,22 +39,15 @@ from __future__ import annotations
 import numbers
 from typing import ClassVar
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from deltajax.methods.base import SCALE_DTYPES, Method, method_dataclass
-from deltajax.methods.lowrank import budget_rank, svd
+from deltajax.containers import SCALE_DTYPES, FeatLowRankDelta
+from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.common import budget_rank, svd
 
 _HI = jax.lax.Precision.HIGHEST
 MODES = ("uncentered", "pooled")
-
-
-@flax.struct.dataclass
-class FeatLowRankDelta:
-    u: jax.Array  # (n, r) = U_r (orthonormal output basis)
-    v: jax.Array  # (r, k) = U_rᵀΔ
-    bias: jax.Array | None  # (n,) = (I − U_r U_rᵀ)μ_y in the pooled mode; None when uncentered
 
 
 def _input_second_moment(stats, mode: str) -> tuple[jax.Array, jax.Array | None]:
@@ -131,9 +124,15 @@ class FeatureLowRank(Method):
     data_free_ok: ClassVar[bool] = True  # no statistics -> plain SVD (LowRank), bias zero
     rank: int | None = None  # fixed rank; else derived from `ratio`
     ratio: float = 1 / 16
+
     mode: str = "uncentered"  # "uncentered" (optimal output error, merges) | "pooled" (Bolaco)
     pool_size: int = 32  # windows per pool of the pooled covariance (pooled mode)
     dtype: str = "bfloat16"
+
+    def budget_note(self) -> str | None:
+        if self.rank is not None:
+            return None
+        return f"nominal α = 1/{1 / self.ratio:.4g} (budget: nominal)"
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -14,16 +14,15 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from deltajax.methods import gptq_core as gptq
-from deltajax.methods.base import (
+from deltajax.containers import (
     SCALE_DTYPES,
-    Method,
     QuantizedMatrix,
     effective_group,
-    method_dataclass,
     pack_quantized,
     quantize_rtn,
 )
+from deltajax.methods import gptq_core as gptq
+from deltajax.methods.base import Method, method_dataclass
 
 
 @method_dataclass

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import flax.struct
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
-from deltajax.methods.base import SCALE_DTYPES, Method, method_dataclass
-
-
-@flax.struct.dataclass
-class DenseDelta:
-    values: jax.Array
+from deltajax.containers import SCALE_DTYPES, DenseDelta
+from deltajax.methods.base import Method, method_dataclass
 
 
 @method_dataclass
 class Keep(Method):
     name = "keep"
+    on_the_fly: ClassVar[bool] = False  # merged into the base weight by attach
     dtype: str = "bfloat16"
 
     def compress(self, delta, *, key=None, stats=None) -> DenseDelta:

@@ -8,50 +8,12 @@ is exact up to the factor dtype; the error falls monotonically with rank (Eckart
 
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from deltajax.methods.base import SCALE_DTYPES, Method, method_dataclass
-
-
-@flax.struct.dataclass
-class LowRankDelta:
-    u: jax.Array  # (n, r) = U diag(S)
-    v: jax.Array  # (r, k) = Vᵀ
-
-
-def budget_rank(n: int, k: int, ratio: float, bits: int = 16) -> int:
-    """Largest rank whose factors at `bits` fit in `ratio` of a 16-bit (n, k) delta."""
-    return max(1, int(ratio * 16 * n * k / ((n + k) * bits)))
-
-
-def svd(delta: jax.Array, method: str = "full") -> tuple[jax.Array, jax.Array, jax.Array]:
-    """fp32 thin SVD: U (n, p), S (p,), Vᵀ (p, k), singular values descending.
-
-    method="full": `jnp.linalg.svd` (gesvd/gesdd class, accurate for every singular value).
-    method="gram": eigendecomposition of the smaller Gram matrix (ΔᵀΔ or ΔΔᵀ) — one syevd of
-    min(n, k)² plus two GEMMs, several times faster on GPUs; singular values below
-    ~sqrt(eps)·σ_max lose relative accuracy (irrelevant for the leading ranks compressors keep).
-    """
-    d = delta.astype(jnp.float32)
-    if method == "full":
-        return jnp.linalg.svd(d, full_matrices=False)
-    if method != "gram":
-        raise ValueError(f"svd method must be 'full' or 'gram', got {method!r}")
-    hi = jax.lax.Precision.HIGHEST
-    n, k = d.shape
-    tall = n >= k
-    g = jnp.matmul(d.T, d, precision=hi) if tall else jnp.matmul(d, d.T, precision=hi)
-    lam, vec = jnp.linalg.eigh(g)
-    lam, vec = lam[::-1], vec[:, ::-1]
-    s = jnp.sqrt(jnp.maximum(lam, 0.0))
-    inv = jnp.where(s > s[0] * 1e-6, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-    if tall:  # vec = V
-        u = jnp.matmul(d, vec, precision=hi) * inv
-        return u, s, vec.T
-    vt = jnp.matmul(vec.T, d, precision=hi) * inv[:, None]
-    return vec, s, vt
+from deltajax.containers import SCALE_DTYPES, LowRankDelta
+from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.common import budget_rank, svd
 
 
 @method_dataclass
@@ -59,7 +21,13 @@ class LowRank(Method):
     name = "lowrank"
     rank: int | None = None  # fixed rank; else derived from `ratio`
     ratio: float = 1 / 16
+
     dtype: str = "bfloat16"
+
+    def budget_note(self) -> str | None:
+        if self.rank is not None:
+            return None
+        return f"nominal α = 1/{1 / self.ratio:.4g} (budget: nominal)"
 
     def rank_for(self, n: int, k: int) -> int:
         r = self.rank if self.rank is not None else budget_rank(n, k, self.ratio)

@@ -10,13 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from deltajax.methods.base import (
-    SCALE_DTYPES,
-    Method,
-    QuantizedMatrix,
-    method_dataclass,
-    quantize_rtn,
-)
+from deltajax.containers import SCALE_DTYPES, QuantizedMatrix, quantize_rtn
+from deltajax.methods.base import Method, method_dataclass
 
 
 @method_dataclass

@@ -39,14 +39,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from deltajax import delta as delta_lib
 from deltajax import ops
-from deltajax.delta import DeltaLeaf, DeltaWeight
+from deltajax.containers import DeltaLeaf, DeltaWeight, leaf_key
 from deltajax.parallel import sharding as sh
+from deltajax.steps import calibrate
+from deltajax.tree import flatten, map_with_names, rule_for
 
 __all__ = [
     "ShardedDeltaWeight",
-    "attach_sharded",
+    "place",
+    "shard_map_deltas",
     "compress_tree_sharded",
     "sequential_compress_sharded",
     "shard_tokens",
@@ -83,7 +85,7 @@ def compress_tree_sharded(
       key: PRNG key (default PRNGKey(0)); per-leaf keys as in `compress_tree`.
       per_device: matrices per device per jitted call (memory: this many fp32 deltas, their
         SVD workspace and outputs per device).
-      place: lay the outputs out by `sharding.container_shardings` (ready for `attach_sharded`);
+      place: lay the outputs out by `sharding.container_shardings` (ready for `attach(..., mesh=)`);
         else each container stays where its chunk computed it.
       progress: tqdm bar over chunks.
 
@@ -93,13 +95,13 @@ def compress_tree_sharded(
     if per_device < 1:
         raise ValueError(f"per_device must be >= 1, got {per_device}")
     key = jax.random.PRNGKey(0) if key is None else key
-    flat = delta_lib.flatten(deltas)
+    flat = flatten(deltas)
     groups: dict[tuple, list[str]] = {}
     for name, d in flat.items():
-        r = delta_lib.rule_for(name, rules)
+        r = rule_for(name, rules)
         if r is None or r.method is None:
             continue
-        if r.method.needs_stats and not getattr(r.method, "data_free_ok", False):
+        if r.method.needs_stats and not r.method.data_free_ok:
             raise ValueError(f"method {r.method.name!r} needs calibration statistics for {name}; "
                              "use sequential_compress_sharded")
         groups.setdefault((r.method, tuple(d.shape)), []).append(name)
@@ -113,7 +115,7 @@ def compress_tree_sharded(
         padded = names + [names[-1]] * (-len(names) % n_dev)  # whole stack shards per device
         stack = NamedSharding(mesh, P(sh.AXES))  # matrix i of the chunk on device i % D
         ds = jax.device_put(jnp.stack([flat[n].astype(jnp.float32) for n in padded]), stack)
-        keys = jax.device_put(jnp.stack([delta_lib.leaf_key(key, n) for n in padded]), stack)
+        keys = jax.device_put(jnp.stack([leaf_key(key, n) for n in padded]), stack)
         out = _stacked_compress(method, mesh)(ds, keys)
         del ds
         for n, c in zip(names, out):
@@ -142,8 +144,6 @@ def sequential_compress_sharded(base, finetuned, cfg, tokens, rules, mesh: Mesh,
     over windows become per-device partial sums and an all-reduce). Extra keyword arguments go
     to `sequential_compress`. Returns {name: DeltaLeaf} placed by `shard_compressed`.
     """
-    from deltajax.steps import calibrate
-
     base = sh.shard_params(base, mesh)
     finetuned = sh.shard_params(finetuned, mesh)
     tokens = shard_tokens(tokens, mesh)
@@ -158,40 +158,6 @@ def sequential_compress_sharded(base, finetuned, cfg, tokens, rules, mesh: Mesh,
 
 
 # ---------------------------------------------------------------------------------- inference
-
-
-def _localize(c, kind: str, m: int):
-    """The container as one shard sees it: its arrays are already the local blocks (so shape-
-    derived sizes such as `k_pad` are local); the global static n / k fields are fixed up."""
-    from deltajax.methods.base import QuantizedMatrix
-    from deltajax.methods.bitdelta import SignDelta
-    from deltajax.methods.deltacome import DeltaCoMeDelta
-
-    if isinstance(c, QuantizedMatrix):
-        return c.replace(n=c.n // m) if kind == "column" else c.replace(k=c.k_pad)
-    if isinstance(c, SignDelta):
-        return c if kind == "column" else c.replace(k=c.words.shape[0] * 32)
-    if isinstance(c, DeltaCoMeDelta):
-        if kind == "column":
-            return c.replace(u=tuple(q.replace(k=q.k_pad) for q in c.u), n=c.n // m)
-        v = tuple(q.replace(k=q.k_pad) for q in c.v)
-        return c.replace(v=v, k=v[0].k_pad)
-    return c  # LowRankDelta: shapes come from the arrays
-
-
-def _k_pad(c) -> int | None:
-    """Padded contraction width a row-parallel shard_map must see (None: the logical K)."""
-    from deltajax.methods.base import QuantizedMatrix
-    from deltajax.methods.bitdelta import SignDelta
-    from deltajax.methods.deltacome import DeltaCoMeDelta
-
-    if isinstance(c, QuantizedMatrix):
-        return c.k_pad
-    if isinstance(c, SignDelta):
-        return c.words.shape[0] * 32
-    if isinstance(c, DeltaCoMeDelta):
-        return c.v[0].k_pad
-    return None
 
 
 def _specs(tree):
@@ -212,7 +178,7 @@ def shard_map_delta_matmul(x: jax.Array, leaf: DeltaLeaf, kind: str, mesh: Mesh,
     m = sh.axis_size(mesh, "model")
     d = sh.axis_size(mesh, "data")
     c = leaf.container
-    c_sh, ok = sh.container_shardings(c, kind, mesh)
+    c_sh, ok = c.shardings(kind, mesh)
     if not ok:
         raise ValueError(f"{type(c).__name__} is not in the kernel layout for {kind} on {mesh}")
     lead = [None] * (x.ndim - 1)
@@ -221,7 +187,7 @@ def shard_map_delta_matmul(x: jax.Array, leaf: DeltaLeaf, kind: str, mesh: Mesh,
     mm = leaf.method.matmul if local_matmul is None else local_matmul
     n_out = leaf.shape[0]
     if kind == "row":
-        kp = _k_pad(c)
+        kp = c.shard_k_pad()
         k_in = x.shape[-1]
         if kp is not None and kp != k_in:
             x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, kp - k_in)])
@@ -229,14 +195,14 @@ def shard_map_delta_matmul(x: jax.Array, leaf: DeltaLeaf, kind: str, mesh: Mesh,
         out_spec = P(*lead, None)
 
         def local(xl, cl):
-            y = mm(xl, _localize(cl, "row", m)).astype(jnp.float32)
+            y = mm(xl, cl.local("row", m)).astype(jnp.float32)
             return jax.lax.psum(y, "model").astype(xl.dtype)
     else:
         x_spec = P(*lead, None)
         out_spec = P(*lead, "model")
 
         def local(xl, cl):
-            return mm(xl, _localize(cl, "column", m))
+            return mm(xl, cl.local("column", m))
 
     f = jax.shard_map(local, mesh=mesh, in_specs=(x_spec, _specs(c_sh)), out_specs=out_spec,
                       check_vma=False)
@@ -261,27 +227,19 @@ class ShardedDeltaWeight(ops.BaseWeight):
         return DeltaWeight(base=self.base, delta=self.delta).dense()
 
 
-def attach_sharded(base, compressed: Mapping[str, DeltaLeaf], mesh: Mesh, *,
-                   kernels: str = "shard_map", rules=sh.PARAM_RULES):
-    """`delta.attach` on `mesh`: base by the rule table, deltas consistent with it.
+def place(base, compressed: Mapping[str, DeltaLeaf], mesh: Mesh, *, rules=sh.PARAM_RULES):
+    """(base laid out by the rule table, deltas laid out consistently with it) on `mesh`."""
+    return sh.shard_params(base, mesh, rules), sh.shard_compressed(compressed, mesh, rules)
 
-    Args:
-      base: dense params (placed or not; resharded by `sharding.PARAM_RULES`).
-      compressed: {name: DeltaLeaf} (placed or not; resharded by `container_shardings`).
-      mesh: the mesh.
-      kernels: "shard_map" (projections whose container is in the kernel layout run the
-        method's kernel per shard) or "gspmd" (every delta partitioned by GSPMD as a whole).
-      rules: the sharding rule table.
 
-    Returns:
-      A params tree for `model.forward` / `generate.generate`.
+def shard_map_deltas(params, mesh: Mesh, *, kernels: str = "shard_map", rules=sh.PARAM_RULES):
+    """Attached params (`DeltaWeight` leaves, placed by `place`) whose delta matmuls run per
+    shard under `shard_map` where the container is in its kernel layout.
+
+    kernels: "shard_map" (as above) or "gspmd" (every delta partitioned by GSPMD as a whole).
     """
     if kernels not in ("shard_map", "gspmd"):
         raise ValueError(f"kernels must be 'shard_map' or 'gspmd', got {kernels!r}")
-    base = sh.shard_params(base, mesh, rules)
-    comp = sh.shard_compressed(compressed, mesh, rules)
-    # Stored layouts only: the shard rules are written for them (not the Hopper serving layout).
-    params = delta_lib.attach(base, comp, prepare=False)
     if kernels == "gspmd" or sh.axis_size(mesh, "model") == 1:
         return params
 
@@ -289,12 +247,12 @@ def attach_sharded(base, compressed: Mapping[str, DeltaLeaf], mesh: Mesh, *,
         if not isinstance(w, DeltaWeight):
             return w
         kind = sh.param_kind(name, rules)
-        _, ok = sh.container_shardings(w.delta.container, kind, mesh)
+        _, ok = w.delta.container.shardings(kind, mesh)
         if not ok or kind not in ("column", "row"):
             return w
         return ShardedDeltaWeight(base=w.base, delta=w.delta, kind=kind, mesh=mesh)
 
-    return delta_lib.map_with_names(f, params)
+    return map_with_names(f, params)
 
 
 def kernel_coverage(params) -> dict[str, int]:

@@ -71,6 +71,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deltajax import tree as T
+
 log = logging.getLogger(__name__)
 
 AXES = ("data", "model")
@@ -81,7 +83,6 @@ __all__ = [
     "PARAM_RULES",
     "ShardRule",
     "container_shardings",
-    "load_model_sharded",
     "make_mesh",
     "maybe_initialize_distributed",
     "memory_model",
@@ -302,9 +303,7 @@ def param_sharding_fn(mesh: Mesh, rules=PARAM_RULES):
 
 def params_shardings(params, mesh: Mesh, rules=PARAM_RULES):
     """A tree of `NamedSharding`s matching a dense params tree."""
-    from deltajax import delta as delta_lib
-
-    return delta_lib.map_with_names(lambda n, x: param_sharding(n, x.shape, mesh, rules), params)
+    return T.map_with_names(lambda n, x: param_sharding(n, x.shape, mesh, rules), params)
 
 
 def shard_params(params, mesh: Mesh, rules=PARAM_RULES):
@@ -312,141 +311,20 @@ def shard_params(params, mesh: Mesh, rules=PARAM_RULES):
     return jax.device_put(params, params_shardings(params, mesh, rules))
 
 
-def load_model_sharded(spec: str, mesh: Mesh, *, dtype=None, progress: bool = False):
-    """`models_io.load_model` with every tensor loaded straight into its shards on `mesh`.
-
-    Returns (params, cfg, tokenizer or None, source dir).
-    """
-    from deltajax.io import hf
-    from deltajax.io import params_ckpt as checkpoint
-    from deltajax.io import resolve as models_io
-
-    p = models_io.resolve_model_dir(spec)
-    fn = param_sharding_fn(mesh)
-    if models_io.is_converted_checkpoint(p):
-        params, cfg = checkpoint.load_params_ckpt(p, dtype=dtype, sharding=fn)
-    else:
-        cfg = hf.load_config(p)
-        params = hf.load_params(p, cfg, dtype=dtype, sharding=fn, progress=progress)
-    return params, cfg, models_io.load_tokenizer(p), p
-
-
-# ------------------------------------------------------------------------- container layouts
-
-
-def _ns(mesh, *spec):
+def named(mesh: Mesh, *spec) -> NamedSharding:
+    """`NamedSharding(mesh, PartitionSpec(*spec))` (no spec: replicated)."""
     return NamedSharding(mesh, P(*spec))
-
-
-def _axis_spec(shape, dim: int, m: int) -> tuple | None:
-    """Spec sharding `dim` of `shape` over model, or None if not divisible."""
-    if dim >= len(shape) or shape[dim] % m:
-        return None
-    spec = [None] * len(shape)
-    spec[dim] = "model"
-    return tuple(spec)
-
-
-def _qm_layout(qm, axis: str, mesh, m: int):
-    """QuantizedMatrix laid out with its N (axis="n") or packed-K (axis="k") side over model.
-
-    Returns (sharding tree, ok) where ok means every array got the requested layout.
-    """
-    rep = _ns(mesh)
-    if axis == "n":
-        specs = [_axis_spec(a.shape, 1, m) for a in (*qm.planes, qm.scale)]
-        if qm.zero is not None:
-            specs.append(_axis_spec(qm.zero.shape, 1, m))
-        ok = all(s is not None for s in specs)
-    else:  # k: word rows of each plane and group rows of scales must split evenly
-        # every shard must hold whole words and whole groups: K_pad/m a multiple of lcm(32, G)
-        ok = (qm.perm is None and qm.k_pad % m == 0
-              and (qm.k_pad // m) % math.lcm(32, qm.group) == 0)
-    if not ok:
-        return jax.tree.map(lambda _: rep, qm), False
-    d = 1 if axis == "n" else 0
-    sh = (lambda a: _ns(mesh, "model", None) if d == 0 else _ns(mesh, None, "model"))
-    return qm.replace(planes=tuple(sh(p) for p in qm.planes), scale=sh(qm.scale),
-                      zero=None if qm.zero is None else sh(qm.zero),
-                      perm=None if qm.perm is None else rep), True
 
 
 def container_shardings(container, kind: str, mesh: Mesh):
     """Shardings of a compressed container consistent with its base's parallelism `kind`.
 
-    Args:
-      container: a method's container (`QuantizedMatrix`, `SignDelta`, `LowRankDelta`,
-        `DeltaCoMeDelta`, `MaskedDelta`, `DenseDelta`; anything else is replicated).
-      kind: the base weight's kind (`param_kind`): "column", "row", "vocab", "replicated".
-      mesh: the mesh.
-
-    Returns:
-      (tree of NamedSharding matching `container`, kernel_ok): kernel_ok is True when the layout
-      is the per-shard kernel layout (`parallel.sharded` then runs the method's matmul under
-      `shard_map`); False means some array fell back (GSPMD still computes the right result).
+    The container declares its own layout (`deltajax.containers.Container.shardings`): returns
+    (tree of NamedSharding matching `container`, kernel_ok), kernel_ok True when the layout is
+    the per-shard kernel layout (`parallel.sharded` then runs the method's matmul under
+    `shard_map`); False means some array fell back (GSPMD still computes the right result).
     """
-    from deltajax.methods.base import QuantizedMatrix
-    from deltajax.methods.bitdelta import SignDelta
-    from deltajax.methods.dare import MaskedDelta
-    from deltajax.methods.deltacome import DeltaCoMeDelta
-    from deltajax.methods.keep import DenseDelta
-    from deltajax.methods.lowrank import LowRankDelta
-
-    m = axis_size(mesh, "model")
-    rep = _ns(mesh)
-
-    def replicated():
-        return jax.tree.map(lambda _: rep, container), False
-
-    if m == 1 or kind not in ("column", "row"):
-        if isinstance(container, DenseDelta) and kind == "vocab":
-            spec = param_spec("embed_tokens.weight", container.values.shape, m)
-            return container.replace(values=NamedSharding(mesh, spec)), False
-        return replicated()
-    col = kind == "column"
-    if isinstance(container, QuantizedMatrix):
-        return _qm_layout(container, "n" if col else "k", mesh, m)
-    if isinstance(container, SignDelta):
-        spec = _axis_spec(container.words.shape, 1 if col else 0, m)
-        if spec is None:
-            return replicated()
-        return container.replace(words=_ns(mesh, *spec), scale=rep), True
-    if isinstance(container, LowRankDelta):
-        if col:
-            spec = _axis_spec(container.u.shape, 0, m)
-            return (replicated() if spec is None else
-                    (container.replace(u=_ns(mesh, *spec), v=rep), True))
-        spec = _axis_spec(container.v.shape, 1, m)
-        return (replicated() if spec is None else
-                (container.replace(u=rep, v=_ns(mesh, *spec)), True))
-    if isinstance(container, DeltaCoMeDelta):
-        if not container.v:
-            return replicated()
-        # column: shard each band's packed Uᵀ (its K = d_out) on words; row: each Vᵀ (K = d_in)
-        side = container.u if col else container.v
-        dim = container.n if col else container.k
-        laid = [_qm_layout(q, "k", mesh, m) for q in side]
-        ok = all(o for _, o in laid) and all(q.k_pad == dim for q in side) if col else all(
-            o for _, o in laid)
-        if not ok:
-            return replicated()
-        other = tuple(jax.tree.map(lambda _: rep, q) for q in (container.v if col else
-                                                                container.u))
-        side_sh = tuple(s for s, _ in laid)
-        s_sh = tuple(rep for _ in container.s)
-        if col:
-            return container.replace(u=side_sh, v=other, s=s_sh), True
-        return container.replace(v=side_sh, u=other, s=s_sh), True
-    if isinstance(container, MaskedDelta):  # rows of kept values (d_out) split evenly
-        spec = _axis_spec(container.values.shape, 0, m)
-        vals = rep if spec is None else _ns(mesh, *spec)
-        return container.replace(values=vals, key=rep), False
-    if isinstance(container, DenseDelta):
-        spec = _axis_spec(container.values.shape, 0 if col else 1, m)
-        return container.replace(values=rep if spec is None else _ns(mesh, *spec)), False
-    _notice(f"sharding: no layout for container {type(container).__name__}; replicated",
-            type(container).__name__)
-    return replicated()
+    return container.shardings(kind, mesh)
 
 
 def shard_compressed(compressed: Mapping[str, Any], mesh: Mesh, rules=PARAM_RULES) -> dict:

@@ -1,7 +1,7 @@
 """Many fine-tunes of one base in one batch: every row applies its own compressed delta.
 
-    deltas = load_deltas(["/d/math", "/d/code", "/d/chat"], base_params=base, cfg=cfg)
-    params = attach(base, deltas)                       # projections -> MultiTenantWeight
+    deltas = [load_delta(p, base_params=base)[0] for p in ["/d/math", "/d/code", "/d/chat"]]
+    params = deltajax.attach(base, deltas)              # projections -> MultiTenantWeight
     params = with_tenants(params, [0, 2, -1, 1])        # fine-tune per batch row, -1 = base
     logits, _ = model.forward(params, tokens, cfg)      # tokens: (4, t)
     out = generate.generate(params, cfg, tok, prompts, tenant_ids=[0, 2, -1, 1])
@@ -10,7 +10,7 @@ A `MultiTenantWeight` holds the base weight once, the T tenants' containers stac
 leading axis, and `tenant_ids` (batch,) int32, a pytree leaf: a new assignment of rows to
 fine-tunes does not recompile. `apply(x)` = x @ baseᵀ (shared by every row) + row b's own delta,
 with the ids repeated over the sequence axis (x is (batch, seq, in) in the model). The delta
-matmul dispatches on the container type:
+matmul is the stacked container's own `multitenant_matmul` (`deltajax.containers`):
 
 * `SignDelta` (BitDelta) -> `pallas_kernels.sign_matmul.sign_matmul_multitenant`;
 * `QuantizedMatrix` (RTN, GPTQ, any method storing the shared packed format) ->
@@ -24,7 +24,7 @@ matmul dispatches on the container type:
 * anything else (LowRank, DARE, Keep, future methods) -> a generic fallback: every
   tenant's `method.matmul(x, container_t)` via `jax.vmap` over the stacked containers, then a
   per-row select. It does T times the delta work (and holds T delta outputs) for every row;
-  register a dedicated multi-tenant kernel in `FAST_PATHS` to avoid it.
+  give the container a dedicated `multitenant_matmul` (deltajax.containers) to avoid it.
 
 All T deltas must cover the same leaves with the same method, shapes and container layout
 (`TenantError` lists every mismatch). The tenant of a row is fixed for a whole `generate` call
@@ -48,9 +48,7 @@ the generic path (T dense delta matmuls).
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.struct
@@ -59,15 +57,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from deltajax import ops
-from deltajax.delta import DeltaLeaf, flatten, map_with_names
-from deltajax.methods import Method, QuantizedMatrix
-from deltajax.methods.bitdelta import SignDelta
-from deltajax.methods.deltacome import DeltaCoMeDelta
-from pallas_kernels.lowrank_delta_matmul import stored_gpu
-from pallas_kernels.quant_matmul import quant_matmul_multitenant
-from pallas_kernels.sign_matmul import sign_matmul_multitenant
+from deltajax.containers import DeltaLeaf
+from deltajax.tree import flatten, is_linear, map_with_names
 
-LINEAR_PATTERN = r"(_proj\.weight|^lm_head\.weight)$"
 OTHER_CHOICES = ("error", "base", "per_row")
 
 
@@ -75,8 +67,6 @@ class TenantError(ValueError):
     """Deltas that cannot be served together, or tenant ids that do not fit the batch."""
 
 
-def _is_linear(name: str) -> bool:
-    return re.search(LINEAR_PATTERN, name) is not None
 
 
 def _row_ids(tenant_ids: jax.Array, x: jax.Array, where: str) -> jax.Array:
@@ -94,88 +84,8 @@ def _row_ids(tenant_ids: jax.Array, x: jax.Array, where: str) -> jax.Array:
 # --------------------------------------------------------------------------------- delta matmul
 
 
-def _sign_path(method, x, ids, c: SignDelta, y_base, implementation, interpret):
-    del method
-    return sign_matmul_multitenant(x, ids, c.words, c.scale, y_base=y_base,
-                                   implementation=implementation, interpret=interpret)
-
-
-def _quant_path(method, x, ids, c: QuantizedMatrix, y_base, implementation, interpret):
-    del method
-    perm = getattr(c, "perm", None)
-    if perm is not None:  # act-order packing: each row gathers its own tenant's column order
-        k_pad = c.scale.shape[-2] * c.group
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, k_pad - x.shape[-1])])
-        rows_perm = perm.astype(jnp.int32)[jnp.clip(ids, 0, perm.shape[0] - 1)]
-        x = jnp.take_along_axis(x, rows_perm, axis=-1)
-    return quant_matmul_multitenant(x, ids, tuple(c.planes), c.scale, c.zero, bits=c.bits,
-                                    group=c.group, y_base=y_base, implementation=implementation,
-                                    interpret=interpret)
-
-
-def _stored_bands(c: DeltaCoMeDelta) -> tuple[stored_gpu.StoredBand, ...]:
-    return tuple(
-        stored_gpu.StoredBand(
-            v_planes=tuple(v.planes), v_scale=v.scale, v_zero=v.zero,
-            u_planes=tuple(u.planes), u_scale=u.scale, u_zero=u.zero, s=s,
-            v_bits=v.bits, v_group=v.group, u_bits=u.bits, u_group=u.group, n=c.n,
-        )
-        for v, u, s in zip(c.v, c.u, c.s)
-    )
-
-
-def _deltacome_path(method, x, ids, c: DeltaCoMeDelta, y_base, implementation, interpret):
-    """Delta-CoMe bands through the stored-format Triton kernels, else the generic fallback."""
-    num_t = c.s[0].shape[0] if c.s else 0
-    perm = any(q.perm is not None for q in (*c.v, *c.u))
-    bands = () if perm or not c.s else _stored_bands(c)
-    why = "act-order perm" if perm else ("no bands" if not bands else
-                                         stored_gpu.reason(x.dtype, bands))
-    on_gpu = jax.default_backend() == "gpu"
-    if implementation == "pallas_gpu" and why is not None:
-        raise ValueError(f"multitenant Delta-CoMe: pallas_gpu cannot run this call: {why}")
-    use = why is None and (
-        implementation == "pallas_gpu" and (on_gpu or interpret)
-        or implementation == "auto" and on_gpu and stored_gpu.AUTO_ON_GPU
-    )
-    if not use:
-        return generic_multitenant_matmul(method, x, ids, c, num_t, y_base)
-    lead = x.shape[:-1]
-    yb = None if y_base is None else y_base.reshape(-1, y_base.shape[-1])
-    y = stored_gpu.stored_delta_multitenant(
-        x.reshape(-1, x.shape[-1]), ids.reshape(-1), bands, y_base=yb, interpret=interpret
-    )
-    return y.reshape(*lead, y.shape[-1])
-
-
-# container type -> fn(method, x, row_ids, stacked container, y_base, implementation, interpret)
-FAST_PATHS: dict[type, Callable[..., jax.Array]] = {
-    SignDelta: _sign_path,
-    QuantizedMatrix: _quant_path,
-    DeltaCoMeDelta: _deltacome_path,
-}
-
-
-def generic_multitenant_matmul(
-    method: Method, x: jax.Array, ids: jax.Array, stacked: Any, num_tenants: int,
-    y_base: jax.Array | None = None,
-) -> jax.Array:
-    """Row r: x[r] @ decompress(stacked[ids[r]])ᵀ (+ y_base), via vmap over all T tenants.
-
-    Every tenant's `method.matmul` runs on every row (T times the delta work of one tenant);
-    ids outside [0, T) (e.g. -1) contribute nothing.
-    """
-    ys = jax.vmap(lambda c: method.matmul(x, c))(stacked)  # (T, *rows, n)
-    idx = jnp.clip(ids, 0, num_tenants - 1)
-    y = jnp.take_along_axis(ys, idx[None, ..., None], axis=0)[0].astype(jnp.float32)
-    y = jnp.where(((ids >= 0) & (ids < num_tenants))[..., None], y, 0.0)
-    if y_base is None:
-        return y.astype(x.dtype)
-    return (y_base.astype(jnp.float32) + y).astype(y_base.dtype)
-
-
 def multitenant_matmul(
-    method: Method, x: jax.Array, ids: jax.Array, stacked: Any, num_tenants: int, *,
+    method, x: jax.Array, ids: jax.Array, stacked: Any, num_tenants: int, *,
     y_base: jax.Array | None = None, implementation: str = "auto", interpret: bool = False,
 ) -> jax.Array:
     """Per-row delta matmul (+ y_base) for T stacked containers of `method`.
@@ -189,10 +99,8 @@ def multitenant_matmul(
       y_base: optional (..., out) base output to add (the result then has its dtype).
       implementation, interpret: kernel choice for the dedicated paths (see pallas_kernels).
     """
-    fast = FAST_PATHS.get(type(stacked))
-    if fast is not None:
-        return fast(method, x, ids, stacked, y_base, implementation, interpret)
-    return generic_multitenant_matmul(method, x, ids, stacked, num_tenants, y_base)
+    return stacked.multitenant_matmul(method, x, ids, num_tenants, y_base=y_base,
+                                      implementation=implementation, interpret=interpret)
 
 
 # ------------------------------------------------------------------------------------- leaves
@@ -210,7 +118,7 @@ class MultiTenantWeight(ops.BaseWeight):
     base: jax.Array
     deltas: Any
     tenant_ids: jax.Array
-    method: Method = flax.struct.field(pytree_node=False)
+    method: Any = flax.struct.field(pytree_node=False)  # a methods.Method
     num_tenants: int = flax.struct.field(pytree_node=False)
     implementation: str = flax.struct.field(pytree_node=False, default="auto")
     interpret: bool = flax.struct.field(pytree_node=False, default=False)
@@ -302,7 +210,7 @@ def _check_deltas(base_flat: Mapping[str, Any], deltas: Sequence[Mapping[str, De
 
 
 def _stack(containers):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *containers)
+    return type(containers[0]).stack(containers)
 
 
 def attach(
@@ -343,7 +251,7 @@ def attach(
     num_t = len(deltas)
     ids = jnp.zeros((0,), jnp.int32) if tenant_ids is None else _ids_array(tenant_ids, num_t)
 
-    non_linear = [n for n in deltas[0] if not _is_linear(n)]
+    non_linear = [n for n in deltas[0] if not is_linear(n)]
     if other == "error" and non_linear:
         raise TenantError(
             f"the deltas carry {len(non_linear)} non-linear leaves ({', '.join(non_linear[:4])}"
@@ -364,7 +272,7 @@ def attach(
             return w
         leaves = [d[name] for d in deltas]
         method = leaves[0].method
-        if _is_linear(name):
+        if is_linear(name):
             return MultiTenantWeight(
                 base=w, deltas=_stack([lf.container for lf in leaves]), tenant_ids=ids,
                 method=method, num_tenants=num_t, implementation=implementation,
@@ -411,21 +319,3 @@ def with_tenants(params, tenant_ids: Sequence[int] | jax.Array):
     ids = _ids_array(tenant_ids, num_tenants(params) or None)
     return jax.tree.map(lambda x: x.replace(tenant_ids=ids) if _is_tenant_leaf(x) else x,
                         params, is_leaf=_is_tenant_leaf)
-
-
-def load_deltas(
-    paths: Sequence[str | os.PathLike], *, base_params, cfg=None, check_base: bool = True,
-) -> tuple[list[dict[str, DeltaLeaf]], list[dict]]:
-    """Load several saved deltas of `base_params` (each checked against its base fingerprint).
-
-    Returns (deltas, metas), in the order of `paths`.
-    """
-    from deltajax.io import delta_ckpt as delta_checkpoint
-
-    out, metas = [], []
-    for p in paths:
-        d, meta = delta_checkpoint.load_delta(p, base_params=base_params, cfg=cfg,
-                                              check_base=check_base)
-        out.append(d)
-        metas.append(meta)
-    return out, metas

@@ -21,9 +21,8 @@ import optax
 from tqdm.auto import tqdm
 
 from deltajax import model as M
-from deltajax.delta import DeltaLeaf, flatten, map_with_names
-from deltajax.methods.bitdelta import BitDelta
-from deltajax.methods.keep import Keep
+from deltajax.containers import DeltaLeaf
+from deltajax.tree import flatten, map_with_names
 
 
 def _student(base, signs, trainable, fixed):
@@ -68,15 +67,16 @@ def distill_scales(
     """Distill BitDelta scales on (n, L) calibration tokens; returns updated leaves and losses."""
     signs, scales, fixed, keep_tr = {}, {}, {}, {}
     for name, leaf in compressed.items():
-        if isinstance(leaf.method, BitDelta):
-            signs[name] = BitDelta().decompress(leaf.container.replace(scale=jnp.float32(1.0)))
+        if leaf.method.distillable:
+            signs[name] = leaf.method.decompress(leaf.container.replace(scale=jnp.float32(1.0)))
             scales[name] = leaf.container.scale.astype(jnp.float32)
-        elif train_non_linear and isinstance(leaf.method, Keep) and re.search("norm", name):
+        elif train_non_linear and not leaf.method.on_the_fly and re.search("norm", name):
             keep_tr[name] = leaf.decompress()
         else:
             fixed[name] = leaf.decompress()
     if not signs:
-        raise ValueError("distill_scales: no BitDelta leaves in the compressed delta")
+        raise ValueError("distill_scales: no leaves of a distillable method (BitDelta) in the "
+                         "compressed delta")
     trainable = {"scale": scales, **({"keep": keep_tr} if keep_tr else {})}
     opt = optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), weight_decay=0.0)
     opt_state = opt.init(trainable)
@@ -110,9 +110,8 @@ def distill_scales(
 
 def logit_mse(base, finetuned, compressed, cfg, tokens) -> float:
     """Mean logit MSE between the fine-tune and base + compressed delta (dense merge)."""
-    from deltajax.delta import merge
-
-    st = merge(base, compressed)
+    st = map_with_names(lambda n, w: w if n not in compressed else
+                        (w.astype(jnp.float32) + compressed[n].decompress()).astype(w.dtype), base)
     t = jnp.asarray(tokens)
     return float(jnp.mean((_logits(st, t, cfg) - _logits(finetuned, t, cfg)) ** 2))
 

@@ -33,7 +33,6 @@ import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +40,8 @@ from tqdm.auto import tqdm
 
 from deltajax import data
 from deltajax import model as M
-from deltajax.delta import DeltaLeaf, DeltaWeight, compress_leaf, flatten, rule_for
+from deltajax.containers import DeltaLeaf, DeltaWeight, LinearStats, compress_leaf
+from deltajax.tree import flatten, rule_for
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -52,33 +52,6 @@ SUBBLOCKS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
     ("down", ("mlp.down_proj",)),
 )
-
-
-@flax.struct.dataclass
-class LinearStats:
-    """Statistics of one linear's inputs X (n tokens × k channels), reduced in fp32.
-
-    hessian: (k, k) H = 2/n·XᵀX (GPTQ's); mean: (k,) E[x]; sq: (k,) E[x²]; count: () n.
-    Optional (only when captured with ``pool_size``; None otherwise): pool_cov (k, k) the average
-    over pools of windows of the within-pool unbiased covariance; pool_mean (k,) the average of
-    the pool means (Bolaco's pooled statistics).
-    """
-
-    hessian: jax.Array
-    mean: jax.Array
-    sq: jax.Array
-    count: jax.Array
-    pool_cov: jax.Array | None = None
-    pool_mean: jax.Array | None = None
-
-    @property
-    def var(self) -> jax.Array:
-        return jnp.maximum(self.sq - self.mean**2, 0.0)
-
-    @property
-    def norm(self) -> jax.Array:
-        """‖X_j‖₂ per input channel (Wanda's activation norm)."""
-        return jnp.sqrt(self.sq * self.count)
 
 
 def _zero_sums(k: int):
@@ -297,7 +270,7 @@ def _calib_weight(base_w, leaf: DeltaLeaf):
     """Weight of a compressed projection in the calibration forward: dense base + Δ̂, or, for a
     container that cannot be merged into a bias-free weight (``method.mergeable`` False, e.g. an
     output bias), the base with the delta applied on the fly."""
-    if getattr(leaf.method, "mergeable", True):
+    if leaf.method.mergeable:
         return _dense(base_w, leaf)
     return DeltaWeight(base=base_w, delta=leaf)
 
@@ -376,7 +349,7 @@ def sequential_compress(
 
     cal_set = set(calibrated)
     if pool_size is None:
-        asked = {getattr(rule_for(n, rules).method, "stats_pool_size", None) for n in calibrated}
+        asked = {rule_for(n, rules).method.stats_pool_size for n in calibrated}
         asked.discard(None)
         if len(asked) > 1:
             raise ValueError(f"calibrated rules ask for different stats_pool_size {sorted(asked)}; "

@@ -41,7 +41,7 @@ import numpy as np
 
 from deltajax import delta as D
 from deltajax import model as M
-from deltajax.methods.base import SCALE_DTYPES
+from deltajax.containers import SCALE_DTYPES
 from deltajax.methods.featlowrank import FeatureLowRank, eigenbasis, factors
 
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
