@@ -39,12 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deltajax import delta as D
+from deltajax import methods as methods_lib
 from deltajax import model as M
-from deltajax.containers import SCALE_DTYPES
+from deltajax.containers import SCALE_DTYPES, DeltaLeaf, DeltaWeight
 from deltajax.methods.featlowrank import FeatureLowRank, eigenbasis, factors
+from deltajax.tree import PROJ_PATTERN, PROJECTIONS, Rule, flatten, map_with_names
 
-TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TYPES = PROJECTIONS
 DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {
     "qk": ("q_proj", "k_proj"), "v": ("v_proj",), "o": ("o_proj",), "gate": ("gate_proj",),
     "up": ("up_proj",), "down": ("down_proj",),
@@ -201,8 +202,8 @@ def factorize(deltas: Mapping, stats: Mapping, method: FeatureLowRank, *, ratio:
       ratio: target α; each basis keeps r_cap = min(n, k, ⌈max_factor·uniform rank⌉) columns,
         the most any allocation may give that matrix (or `r_cap` {name: width} given).
     """
-    flat = D.flatten(deltas)
-    names = [nm for nm in flat if re.search(D.PROJ_PATTERN, nm)] if names is None else list(names)
+    flat = flatten(deltas)
+    names = [nm for nm in flat if re.search(PROJ_PATTERN, nm)] if names is None else list(names)
     missing = [nm for nm in names if nm not in stats]
     if missing:
         raise ValueError(f"no statistics for {len(missing)} projections, e.g. {missing[0]}")
@@ -226,7 +227,7 @@ def _masked_factors(d, u, mu, r, dtype):
     return factors(d, u, mu, r, SCALE_DTYPES[dtype])
 
 
-def masked_containers(fact: Factorization, ranks: Mapping[str, int]) -> dict[str, D.DeltaLeaf]:
+def masked_containers(fact: Factorization, ranks: Mapping[str, int]) -> dict[str, DeltaLeaf]:
     """Rank-r containers at fixed (r_cap) shapes: columns ≥ r are zero (for fast trials)."""
     out = {}
     for nm, d in fact.deltas.items():
@@ -234,11 +235,11 @@ def masked_containers(fact: Factorization, ranks: Mapping[str, int]) -> dict[str
         if r > fact.r_cap[nm]:
             raise ValueError(f"rank {r} of {nm} exceeds its basis width {fact.r_cap[nm]}")
         c = _masked_factors(d, fact.basis[nm], fact.mu[nm], jnp.int32(r), fact.method.dtype)
-        out[nm] = D.DeltaLeaf(container=c, method=fact.method, shape=tuple(d.shape))
+        out[nm] = DeltaLeaf(container=c, method=fact.method, shape=tuple(d.shape))
     return out
 
 
-def compress_with_ranks(fact: Factorization, ranks: Mapping[str, int]) -> dict[str, D.DeltaLeaf]:
+def compress_with_ranks(fact: Factorization, ranks: Mapping[str, int]) -> dict[str, DeltaLeaf]:
     """Exact-rank containers (the real stored arrays) for an allocation; each leaf's method is
     FeatureLowRank(rank=r, ...) so checkpoints record the rank."""
     out = {}
@@ -249,12 +250,12 @@ def compress_with_ranks(fact: Factorization, ranks: Mapping[str, int]) -> dict[s
             raise ValueError(f"rank {r} of {nm} exceeds its basis width {fact.r_cap[nm]}")
         m = dataclasses.replace(fact.method, rank=r)
         c = factors(d, fact.basis[nm], fact.mu[nm], r, dt)
-        out[nm] = D.DeltaLeaf(container=c, method=m, shape=tuple(d.shape))
+        out[nm] = DeltaLeaf(container=c, method=m, shape=tuple(d.shape))
     return out
 
 
 def allocation_rules(ranks: Mapping[str, int], method: FeatureLowRank, *,
-                     keep_other: bool = True) -> tuple[D.Rule, ...]:
+                     keep_other: bool = True) -> tuple[Rule, ...]:
     """Rules giving each projection type its searched rank (e.g. for `sequential_compress`).
 
     Requires one rank per type (all layers share shapes, as in every Llama-family model).
@@ -263,9 +264,9 @@ def allocation_rules(ranks: Mapping[str, int], method: FeatureLowRank, *,
     bad = {t: r for t, r in by.items() if len(r) != 1}
     if bad:
         raise ValueError(f"types with several ranks cannot become per-type rules: {bad}")
-    rules = [D.Rule(rf"(^|\.){t}\.weight$", dataclasses.replace(method, rank=r[0]))
+    rules = [Rule(rf"(^|\.){t}\.weight$", dataclasses.replace(method, rank=r[0]))
              for t, r in by.items()]
-    return tuple(rules) + D.default_rules(method, keep_other=keep_other)[1:]
+    return tuple(rules) + methods_lib.default_rules(method, keep_other=keep_other)[1:]
 
 
 # ----------------------------------------------------------------------------- LM objective
@@ -309,7 +310,9 @@ class LMObjective:
         self.ref = [_ref_logprobs(reference, b, cfg) for b in self.batches]
 
     def evaluate(self, ranks: Mapping[str, int]) -> dict:
-        params = D.attach(self.base, masked_containers(self.fact, ranks))
+        comp = masked_containers(self.fact, ranks)  # projections only: applied on the fly
+        params = map_with_names(
+            lambda n, w: DeltaWeight(base=w, delta=comp[n]) if n in comp else w, self.base)
         nll = kl = cnt = 0.0
         for b, ref in zip(self.batches, self.ref):
             a, k, c = _nll_kl(params, b, ref, self.cfg)
