@@ -59,7 +59,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import packing
-from pallas_kernels._common import pow2_divisor, unsort_rows
+from pallas_kernels._common import cdiv, is_pow2, pow2_divisor, sm_count, split_for, unsort_rows
 
 MAX_BLOCK_K = 128
 MAX_BLOCK_N = 128
@@ -242,24 +242,80 @@ def block_m_for(m: int) -> int:
     return min(64, max(16, 1 << max(0, (m - 1).bit_length())))
 
 
-def split_for(tiles: int, nblocks: int, sms: int, cap: int = 32, waves: float = 1.5) -> int:
-    """Smallest split-K dividing nblocks with tiles * S >= `waves` waves of SMs.
-
-    1.5 waves came from an H100 sweep; quant/sign_matmul ask for `PACKED_WAVES` (H200 sweep).
-    """
-    best = 1
-    for s in range(1, min(cap, nblocks) + 1):
-        if nblocks % s:
-            continue
-        best = s
-        if tiles * s >= waves * sms:
-            break
-    return best
-
-
 # H200 sweep (benchmarks/kernels.md): block_n 128 with split-K 8 on 4096x14336 (896 programs) and
 # 8192x8192 (512), 8-16 on 4096x4096, were 5-12% faster than the 1.5-wave choice.
 PACKED_WAVES = 3.5
+
+
+def _check_config(cfg: TritonConfig, fma: bool = False) -> None:
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(cfg, name)
+        low = 1 if fma and name in ("block_m", "block_k") else 16
+        if v is not None and (not is_pow2(v) or v < low):
+            raise ValueError(f"TritonConfig.{name} must be a power of two >= {low}, got {v}")
+
+
+def plan_single(
+    m: int,
+    k: int,
+    n: int,
+    packed: Packed,
+    dtype,
+    config: TritonConfig | None,
+    *,
+    row_programs: int | None = None,
+    tenants: bool = False,
+    block_k_cap: int = MAX_BLOCK_K,
+) -> Program:
+    """Program for one packed operand (quant_matmul / sign_matmul, single or multi-tenant)."""
+    cfg = config or TritonConfig()
+    # Multi-tenant programs take FMA tiles only when asked (TritonConfig(fma=True, block_m=...)).
+    fma = use_fma(cfg, m) if not tenants else bool(cfg.fma)
+    _check_config(cfg, fma)
+    if fma and cfg.swap_ab:
+        raise ValueError("FMA tiles have no transposed form (swap_ab)")
+    if fma:
+        bm = cfg.block_m or fma_block_m(m)
+        bn = cfg.block_n or pow2_divisor(n, FMA_BLOCK_N)
+    else:
+        bm = cfg.block_m or block_m_for(m)
+        bn = cfg.block_n or block_n_heuristic(n, bm)
+    if cfg.block_k:
+        bk = packed_block_k(k, packed, cfg.block_k)
+    elif fma:
+        cap = max(min_block_k(packed.bits), FMA_TILE_ELEMS // (bm * bn))
+        bk = packed_block_k(k, packed, min(block_k_cap, cap))
+    else:
+        bk = packed_block_k(k, packed, block_k_cap, block_n=bn)
+    if n % bn:
+        raise ValueError(f"block_n={bn} does not divide N={n}")
+    swap = False if fma else swap_ab(cfg, bm)
+    unpack = unpack_mode(cfg)
+    if (cfg.unpack is None and not swap and not fma and m <= SPLIT_MAX_ROWS
+            and packed.bits in SPLIT_BITS):
+        unpack = "split"  # one dot per word field (H200 A/B, see _triton.SPLIT_MAX_ROWS)
+    rows = row_programs if row_programs is not None else cdiv(m, bm)
+    nb = k // bk
+    split = cfg.split_k or split_for((n // bn) * rows, nb, sm_count(), waves=PACKED_WAVES)
+    if nb % split:
+        raise ValueError(f"split_k={split} does not divide the {nb} K steps")
+    kpart = KPart(x_index=0, x_offset=0, k=k, block_k=bk, packed=packed)
+    return Program(
+        colparts=(ColPart(n=n, out_offset=0, block_n=bn, kparts=(kpart,)),),
+        num_x=1,
+        m=m,
+        block_m=bm,
+        row_programs=rows,
+        split_k=split,
+        num_warps=cfg.num_warps or (FMA_NUM_WARPS if fma else 4),
+        num_stages=cfg.num_stages or 3,
+        out_dtype=jnp.dtype(dtype).name,
+        tenants=tenants,
+        dequant=dequant_mode(cfg),
+        swap_ab=swap,
+        unpack=unpack,
+        fma=fma,
+    )
 
 
 # ----------------------------------------------------------------------------- kernel

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 from pallas_kernels._common import (
     FLOAT_DTYPES,
     check_dtype,
-    check_packed,
     pad_last,
     resolve_implementation,
 )
+from pallas_kernels.packing import check_packed
 from pallas_kernels.quant_matmul import mosaic_gpu, pallas_gpu, pallas_tpu, reference
 from pallas_kernels.quant_matmul.mosaic_gpu import MosaicConfig, MosaicWeight
 

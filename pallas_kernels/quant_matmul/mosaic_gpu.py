@@ -40,8 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import packing
-from pallas_kernels._common import cdiv, sm_count
-from pallas_kernels._triton import split_for
+from pallas_kernels._common import cdiv, sm_count, split_for
 
 __all__ = ["MosaicConfig", "MosaicWeight", "prepare", "reason", "quant_matmul"]
 
