@@ -54,18 +54,6 @@ def test_quant_matmul_gpu(bits, m, zero):
     assert_close(got, want, dtype=BF16, what=f"gpu quant bits={bits} m={m} zero={zero}")
 
 
-@pytest.mark.parametrize("bits,zero", [(1, False), (3, True), (4, False), (8, True)])
-def test_quant_matmul_gpu_rowsum(bits, zero):
-    gen = rng()
-    k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 576, bits=bits, group=128, zero=zero)
-    x = activations(gen, 16, k_pad, BF16)
-    _poison()
-    cfg = qgpu.TritonConfig(dequant="rowsum")
-    got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
-    want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=BF16, what=f"gpu rowsum bits={bits}")
-
-
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_quant_matmul_gpu_dtypes(dtype):
     gen = rng()
@@ -134,59 +122,6 @@ def test_multitenant_gpu(m):
     )
     want = lowrank_delta_matmul_multitenant(x, tids, bands, y_base=y_base, implementation="xla")
     assert_close(got, want, dtype=BF16, what="gpu lowrank multitenant")
-
-
-LAYOUTS = [
-    dict(swap_ab=False, dequant="magic"),
-    dict(swap_ab=True, unpack="reshape", dequant="affine"),
-    dict(swap_ab=True, unpack="join", dequant="affine"),
-    dict(swap_ab=True, unpack="reshape", dequant="magic"),
-    dict(swap_ab=True, unpack="join", dequant="magic"),
-    dict(swap_ab=True, unpack="join", dequant="rowsum"),
-]
-
-
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "-".join(str(v) for v in d.values()))
-@pytest.mark.parametrize(
-    "bits,zero,dtype,m", [(4, False, BF16, 16), (1, False, BF16, 1), (3, True, F16, 64),
-                          (8, True, BF16, 5), (2, False, F32, 16)]
-)
-def test_quant_matmul_gpu_layouts(layout, bits, zero, dtype, m):
-    """Every tile layout / dequant variant the benchmark A/B may adopt, compiled."""
-    gen = rng()
-    k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 512, bits=bits, group=128, zero=zero)
-    x = activations(gen, m, k_pad, dtype)
-    _poison()
-    cfg = qgpu.TritonConfig(**layout)
-    got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
-    want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"gpu layout {layout} bits={bits}")
-
-
-@pytest.mark.parametrize("layout", LAYOUTS[1:3], ids=["reshape", "join"])
-def test_sign_and_multitenant_gpu_swap_ab(layout, monkeypatch):
-    """The adopted swap-AB default also drives sign_matmul and the multi-tenant forms."""
-    from pallas_kernels import _triton as tr
-
-    monkeypatch.setattr(tr, "DEFAULT_SWAP_AB", True)
-    monkeypatch.setattr(tr, "DEFAULT_UNPACK", layout["unpack"])
-    gen = rng()
-    x = activations(gen, 16, 512, BF16)
-    words = jnp.asarray(gen.integers(0, 2**32, (512 // 32, 256), dtype="uint64"), jnp.uint32)
-    s = jnp.float32(0.03)
-    _poison()
-    got = sign_matmul(x, words, s, implementation="pallas_gpu")
-    want = sign_matmul(x, words, s, implementation="xla")
-    assert_close(got, want, dtype=BF16, what="gpu sign swap-ab")
-    _, planes, scale, _, _ = packed_operand(gen, 512, 256, bits=4, group=128, tenants=3)
-    tids = tenant_ids(gen, 16, 3)
-    _poison()
-    got = quant_matmul_multitenant(x, tids, planes, scale, bits=4, group=128,
-                                   implementation="pallas_gpu")
-    want = quant_matmul_multitenant(x, tids, planes, scale, bits=4, group=128,
-                                    implementation="xla")
-    assert_close(got, want, dtype=BF16, what="gpu MT swap-ab")
-
 
 
 @pytest.mark.parametrize("m,dtype", [(1, BF16), (16, BF16), (40, F16), (16, F32)])
@@ -265,7 +200,7 @@ def test_quant_matmul_gpu_split_dots(bits, m, zero, dtype):
     gen = rng()
     k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 768, bits=bits, group=128, zero=zero)
     x = activations(gen, m, k_pad, dtype)
-    cfg = qgpu.TritonConfig(unpack="split", dequant="affine")
+    cfg = qgpu.TritonConfig(unpack="split")
     _poison()
     got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
     want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")

@@ -234,60 +234,6 @@ def test_leading_dims_padding_and_outer_jit():
     assert_close(got.reshape(6, 64), want, dtype=F32)
 
 
-@pytest.mark.parametrize("bits,zero,dtype", [(1, False, BF16), (3, True, F32), (8, True, BF16)])
-def test_gpu_kernel_rowsum_dequant(bits, zero, dtype):
-    """The non-default Triton dequant strategy (code offset and zeros applied via row sums)."""
-    gen = rng()
-    k_pad, planes, scale, z, _ = packed_operand(gen, 576, 192, bits=bits, group=128, zero=zero)
-    x = activations(gen, 5, k_pad, dtype)
-    cfg = pallas_gpu.TritonConfig(dequant="rowsum")
-    with on_cpu():
-        got = pallas_gpu.quant_matmul(
-            x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
-        )
-        want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"rowsum bits={bits}")
-    with pytest.raises(ValueError, match="dequant must be"):
-        pallas_gpu.quant_matmul(
-            x,
-            planes,
-            scale,
-            z,
-            bits=bits,
-            group=128,
-            interpret=True,
-            config=pallas_gpu.TritonConfig(dequant="lut"),
-        )
-
-
-@pytest.mark.parametrize(
-    "layout,bits,zero,dtype",
-    [
-        (dict(swap_ab=True, unpack="join", dequant="magic"), 3, True, jnp.float16),
-        (dict(swap_ab=True, unpack="reshape", dequant="affine"), 4, False, BF16),
-        (dict(swap_ab=False, dequant="magic"), 1, False, BF16),
-        (dict(swap_ab=True, unpack="join", dequant="magic"), 8, False, BF16),  # magic -> affine
-    ],
-)
-def test_gpu_kernel_layout_variants(layout, bits, zero, dtype):
-    """The A/B'd Triton layouts (weight-as-M tiles, tt.join unpack, OR+bitcast dequant)."""
-    gen = rng()
-    k_pad, planes, scale, z, _ = packed_operand(gen, 256, 32, bits=bits, group=128, zero=zero)
-    x = activations(gen, 5, k_pad, dtype)
-    cfg = pallas_gpu.TritonConfig(split_k=2, **layout)
-    with on_cpu():
-        got = pallas_gpu.quant_matmul(
-            x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
-        )
-        want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"layout {layout} bits={bits}")
-    with pytest.raises(ValueError, match="unpack must be"):
-        pallas_gpu.quant_matmul(
-            x, planes, scale, z, bits=bits, group=128, interpret=True,
-            config=pallas_gpu.TritonConfig(swap_ab=True, unpack="gather"),
-        )
-
-
 @pytest.mark.parametrize(
     "bits,m,zero,dtype,block_m",
     [(1, 1, False, BF16, None), (3, 3, True, F32, None), (4, 4, False, BF16, None),
@@ -303,7 +249,7 @@ def test_gpu_kernel_fma_tiles(bits, m, zero, dtype, block_m):
     prog = pallas_gpu.plan_single(
         m, k_pad, n, tr.Packed(bits=bits, group=128, has_zero=zero), dtype, cfg
     )
-    assert prog.fma and not prog.swap_ab
+    assert prog.fma
     assert prog.block_m == (block_m or 1 << (m - 1).bit_length())
     with on_cpu():
         got = pallas_gpu.quant_matmul(
@@ -324,14 +270,6 @@ def test_fma_default_threshold(monkeypatch):
     assert not pallas_gpu.plan_single(1, 4096, 4096, pk, BF16, None).fma
     with pytest.raises(ValueError, match="power of two >= 16"):
         pallas_gpu.plan_single(1, 4096, 4096, pk, BF16, pallas_gpu.TritonConfig(block_m=4))
-    with pytest.raises(ValueError, match="no transposed form"):
-        gen = rng()
-        k_pad, planes, scale, z, _ = packed_operand(gen, 256, 32, bits=4, group=128)
-        with on_cpu():
-            pallas_gpu.quant_matmul(
-                activations(gen, 2, k_pad, BF16), planes, scale, z, bits=4, group=128,
-                interpret=True, config=pallas_gpu.TritonConfig(fma=True, swap_ab=True),
-            )
 
 
 @pytest.mark.parametrize("bits,zero,dtype,m", [(4, False, BF16, 3), (8, True, F32, 17),
@@ -341,7 +279,7 @@ def test_gpu_kernel_split_dots(bits, zero, dtype, m):
     gen = rng()
     k_pad, planes, scale, z, _ = packed_operand(gen, 576, 192, bits=bits, group=128, zero=zero)
     x = activations(gen, m, k_pad, dtype)
-    cfg = pallas_gpu.TritonConfig(unpack="split", split_k=5, dequant="affine")
+    cfg = pallas_gpu.TritonConfig(unpack="split", split_k=5)
     with on_cpu():
         got = pallas_gpu.quant_matmul(
             x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
