@@ -4,7 +4,9 @@ Nothing here launches a kernel, and nothing here imports another pallas_kernels 
 file and `packing.py` are the leaves of the package's import graph). The dispatchers
 (`pallas_kernels/<op>/__init__.py`) validate the packed operands with `packing.check_packed`, ask
 each backend's guard why it cannot run (a string, or None when it can), and let
-`resolve_implementation` pick what runs.
+`resolve_implementation` pick what runs. Each op's `IMPLEMENTATIONS` table (name -> the module or
+function implementing it, in the op's `__init__.py`) is the list of names its dispatcher accepts,
+besides "auto"; `check_implementation` enforces that.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 # Streaming multiprocessors of an H100 SXM; used only when the device does not report its count.
@@ -85,25 +86,37 @@ def check_dtype(x: jax.Array, *, where: str) -> None:
         raise ValueError(f"{where}: x dtype must be float32, bfloat16 or float16, got {x.dtype}")
 
 
+def check_implementation(implementation: str, implementations, *, where: str) -> None:
+    """Accepts "auto" or a key of an op's `IMPLEMENTATIONS` table.
+
+    Raises:
+      ValueError: naming the call (`where`), the value given and every allowed value.
+    """
+    allowed = ("auto", *implementations)
+    if implementation not in allowed:
+        raise ValueError(
+            f"{where}: implementation must be one of {allowed}, got {implementation!r}"
+        )
+
+
 def resolve_implementation(
     implementation: str,
     *,
+    implementations,
     gpu_reason: str | None,
     tpu_reason: str | None,
     interpret: bool,
     where: str,
 ) -> str:
-    """Picks "xla", "pallas_gpu" or "pallas_tpu".
+    """Picks "xla", "pallas_gpu" or "pallas_tpu" for an op whose table has those keys.
 
-    "auto" takes the Pallas kernel of the current backend (`jax.default_backend()`) when its guard
-    accepts the shapes, else the reference ("xla"); on CPU it is always "xla". An explicit Pallas
-    choice that the guard refuses, or that needs hardware that is absent while `interpret` is
-    False, raises a ValueError that says why.
+    `implementation` must be "auto" or a key of `implementations` (the op's `IMPLEMENTATIONS`
+    table; `check_implementation`). "auto" takes the Pallas kernel of the current backend
+    (`jax.default_backend()`) when its guard accepts the shapes, else the reference ("xla"); on
+    CPU it is always "xla". An explicit Pallas choice that the guard refuses, or that needs
+    hardware that is absent while `interpret` is False, raises a ValueError that says why.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"{where}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
-        )
+    check_implementation(implementation, implementations, where=where)
     backend = jax.default_backend()
     if implementation == "auto":
         if backend == "gpu" and gpu_reason is None:
