@@ -86,16 +86,26 @@ def check_dtype(x: jax.Array, *, where: str) -> None:
         raise ValueError(f"{where}: x dtype must be float32, bfloat16 or float16, got {x.dtype}")
 
 
-def check_implementation(implementation: str, implementations, *, where: str) -> None:
+def check_implementation(
+    implementation: str, implementations, *, where: str, hints: dict[str, str] | None = None
+) -> None:
     """Accepts "auto" or a key of an op's `IMPLEMENTATIONS` table.
+
+    Args:
+      implementation: the name given.
+      implementations: the op's table (its keys are what is allowed besides "auto").
+      where: the call's name, which starts the error message.
+      hints: optional name -> advice appended when that (refused) name is given.
 
     Raises:
       ValueError: naming the call (`where`), the value given and every allowed value.
     """
     allowed = ("auto", *implementations)
     if implementation not in allowed:
+        hint = (hints or {}).get(implementation)
         raise ValueError(
             f"{where}: implementation must be one of {allowed}, got {implementation!r}"
+            + (f" ({hint})" if hint else "")
         )
 
 

@@ -260,6 +260,9 @@ def test_implementations_table_is_what_the_dispatchers_accept():
             ),
             IMPLEMENTATIONS, where="quant_matmul_multitenant", dtype=F32, seed=seed,
         )
+    # The Mosaic GPU kernel is a key of PREPARED_IMPLEMENTATIONS only: the refusal points there.
+    with pytest.raises(ValueError, match="then quant_matmul_prepared"):
+        quant_matmul(x, planes, scale, z, bits=3, group=128, implementation="mosaic_gpu")
 
 
 def test_leading_dims_padding_and_outer_jit():

@@ -60,6 +60,10 @@ IMPLEMENTATIONS = {"xla": reference, "pallas_gpu": pallas_gpu, "pallas_tpu": pal
 # Prepared (Hopper) layout (quant_matmul_prepared): implementation name -> function (x, w).
 PREPARED_IMPLEMENTATIONS = {"xla": mosaic_gpu.reference, "mosaic_gpu": mosaic_gpu.quant_matmul}
 
+# The Mosaic GPU kernel reads the prepared layout only; say so when the stored format asks for it.
+_HINTS = {"mosaic_gpu": "the Mosaic GPU kernel takes prepared weights: call prepare() once, "
+          "then quant_matmul_prepared"}
+
 _STATIC = ("bits", "group", "implementation", "interpret")
 
 
@@ -116,7 +120,7 @@ def quant_matmul(
     Returns:
       (..., N) in x.dtype, accumulated in fp32.
     """
-    check_implementation(implementation, IMPLEMENTATIONS, where="quant_matmul")
+    check_implementation(implementation, IMPLEMENTATIONS, where="quant_matmul", hints=_HINTS)
     planes = tuple(planes)
     check_dtype(x, where="quant_matmul")
     k_pad, n = check_packed(planes, scale, zero, bits=bits, group=group, where="quant_matmul")
@@ -166,7 +170,9 @@ def quant_matmul_multitenant(
     Returns:
       (..., N): the delta part (plus y_base when given).
     """
-    check_implementation(implementation, IMPLEMENTATIONS, where="quant_matmul_multitenant")
+    check_implementation(
+        implementation, IMPLEMENTATIONS, where="quant_matmul_multitenant", hints=_HINTS
+    )
     planes = tuple(planes)
     check_dtype(x, where="quant_matmul_multitenant")
     k_pad, n = check_packed(
