@@ -1,20 +1,19 @@
 """Helpers shared by the op dispatchers: implementation choice, shape checks, padding.
 
-Nothing here launches a kernel. The dispatchers (`pallas_kernels/<op>/__init__.py`) validate the
-packed operands with `check_packed`, ask each backend's guard why it cannot run (a string, or None
-when it can), and let `resolve_implementation` pick what runs.
+Nothing here launches a kernel, and nothing here imports another pallas_kernels module (this
+file and `packing.py` are the leaves of the package's import graph). The dispatchers
+(`pallas_kernels/<op>/__init__.py`) validate the packed operands with `packing.check_packed`, ask
+each backend's guard why it cannot run (a string, or None when it can), and let
+`resolve_implementation` pick what runs. Each op's `IMPLEMENTATIONS` table (name -> the module or
+function implementing it, in the op's `__init__.py`) is the list of names its dispatcher accepts,
+besides "auto"; `check_implementation` enforces that.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import packing
-
-IMPLEMENTATIONS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 # Streaming multiprocessors of an H100 SXM; used only when the device does not report its count.
@@ -55,61 +54,6 @@ def sm_count() -> int:
     return _DEFAULT_SM_COUNT
 
 
-def check_packed(
-    planes,
-    scale,
-    zero,
-    *,
-    bits: int,
-    group: int,
-    where: str,
-    stacked: bool = False,
-) -> tuple[int, int]:
-    """Validates one packed operand and returns `(k_pad, n)`.
-
-    Args:
-      planes: tuple of uint32 words, `(K_pad*pb/32, N)` per plane (`(T, ...)` when `stacked`).
-      scale: `(K_pad/G, N)` float scales (`(T, ...)` when `stacked`).
-      zero: None or integer-valued floats shaped like `scale`.
-      bits: code width, 1..8.
-      group: group size G along K.
-      where: name used in error messages (e.g. "quant_matmul: planes").
-      stacked: operands carry a leading tenant axis.
-
-    Raises:
-      ValueError: naming the operand and the shapes at fault.
-    """
-    pbits = packing.plane_bits(bits)
-    if not isinstance(planes, (tuple, list)) or len(planes) != len(pbits):
-        got = len(planes) if isinstance(planes, (tuple, list)) else type(planes).__name__
-        raise ValueError(f"{where}: bits={bits} needs {len(pbits)} planes {pbits}, got {got}")
-    lead = 1 if stacked else 0
-    first = planes[0]
-    if first.ndim != 2 + lead:
-        raise ValueError(f"{where}: plane 0 must have {2 + lead} dims, got shape {first.shape}")
-    n = first.shape[-1]
-    k_pad = first.shape[-2] * packing.WORD_BITS // pbits[0]
-    if group < 1:
-        raise ValueError(f"{where}: group must be >= 1, got {group}")
-    if k_pad % math.lcm(packing.WORD_BITS, group):
-        raise ValueError(
-            f"{where}: K_pad={k_pad} (from plane 0 shape {first.shape}) is not a multiple of "
-            f"lcm(32, group={group})"
-        )
-    for i, (p, pb) in enumerate(zip(planes, pbits)):
-        want = first.shape[:lead] + (k_pad * pb // packing.WORD_BITS, n)
-        if tuple(p.shape) != want:
-            raise ValueError(f"{where}: plane {i} ({pb}-bit) has shape {p.shape}, expected {want}")
-        if p.dtype not in (jnp.uint32, jnp.int32):
-            raise ValueError(f"{where}: plane {i} must be uint32 words, got {p.dtype}")
-    want_s = first.shape[:lead] + (k_pad // group, n)
-    if tuple(scale.shape) != want_s:
-        raise ValueError(f"{where}: scale has shape {scale.shape}, expected {want_s}")
-    if zero is not None and tuple(zero.shape) != want_s:
-        raise ValueError(f"{where}: zero has shape {zero.shape}, expected {want_s}")
-    return k_pad, n
-
-
 def pad_last(x: jax.Array, k_pad: int, *, where: str) -> jax.Array:
     """Zero-pads the last axis of `x` to `k_pad` (x may already be padded)."""
     k = x.shape[-1]
@@ -120,31 +64,69 @@ def pad_last(x: jax.Array, k_pad: int, *, where: str) -> jax.Array:
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, k_pad - k)])
 
 
+def split_for(tiles: int, nblocks: int, sms: int, cap: int = 32, waves: float = 1.5) -> int:
+    """Smallest split-K dividing nblocks with tiles * S >= `waves` waves of SMs.
+
+    1.5 waves came from an H100 sweep; quant/sign_matmul ask for `_triton.PACKED_WAVES` (H200
+    sweep), the Mosaic GPU kernel for 4.
+    """
+    best = 1
+    for s in range(1, min(cap, nblocks) + 1):
+        if nblocks % s:
+            continue
+        best = s
+        if tiles * s >= waves * sms:
+            break
+    return best
+
+
 def check_dtype(x: jax.Array, *, where: str) -> None:
     """Activations must be bf16, fp16 or fp32."""
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{where}: x dtype must be float32, bfloat16 or float16, got {x.dtype}")
 
 
+def check_implementation(
+    implementation: str, implementations, *, where: str, hints: dict[str, str] | None = None
+) -> None:
+    """Accepts "auto" or a key of an op's `IMPLEMENTATIONS` table.
+
+    Args:
+      implementation: the name given.
+      implementations: the op's table (its keys are what is allowed besides "auto").
+      where: the call's name, which starts the error message.
+      hints: optional name -> advice appended when that (refused) name is given.
+
+    Raises:
+      ValueError: naming the call (`where`), the value given and every allowed value.
+    """
+    allowed = ("auto", *implementations)
+    if implementation not in allowed:
+        hint = (hints or {}).get(implementation)
+        raise ValueError(
+            f"{where}: implementation must be one of {allowed}, got {implementation!r}"
+            + (f" ({hint})" if hint else "")
+        )
+
+
 def resolve_implementation(
     implementation: str,
     *,
+    implementations,
     gpu_reason: str | None,
     tpu_reason: str | None,
     interpret: bool,
     where: str,
 ) -> str:
-    """Picks "xla", "pallas_gpu" or "pallas_tpu".
+    """Picks "xla", "pallas_gpu" or "pallas_tpu" for an op whose table has those keys.
 
-    "auto" takes the Pallas kernel of the current backend (`jax.default_backend()`) when its guard
-    accepts the shapes, else the reference ("xla"); on CPU it is always "xla". An explicit Pallas
-    choice that the guard refuses, or that needs hardware that is absent while `interpret` is
-    False, raises a ValueError that says why.
+    `implementation` must be "auto" or a key of `implementations` (the op's `IMPLEMENTATIONS`
+    table; `check_implementation`). "auto" takes the Pallas kernel of the current backend
+    (`jax.default_backend()`) when its guard accepts the shapes, else the reference ("xla"); on
+    CPU it is always "xla". An explicit Pallas choice that the guard refuses, or that needs
+    hardware that is absent while `interpret` is False, raises a ValueError that says why.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"{where}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
-        )
+    check_implementation(implementation, implementations, where=where)
     backend = jax.default_backend()
     if implementation == "auto":
         if backend == "gpu" and gpu_reason is None:

@@ -12,27 +12,21 @@ column part with one K part; sign_matmul the same with one scalar scale; the low
 column part per band; the expand one column part with a K part per band.
 
 Packed tiles are post-scaled: each K step covers `block_k` rows of one scale group and the group
-scale multiplies the f32 partial product after the dot. Three dequant strategies (`dequant`):
+scale multiplies the f32 partial product after the dot. MMA tiles dequantize each weight to
+`2q - c` (symmetric, c = 2^b - 1) or `q - z` (zeros), exact small integers in the activation
+dtype, before the dot: the whole `(block_k, block_n)` code tile (`unpack="reshape"`), or one word
+field at a time against permuted activation columns (`unpack="split"`, small batches of 4/8-bit
+codes). Layouts that were measured and lost (row-sum and OR+bitcast dequant, swap-AB tiles) are
+gone: `pallas_kernels/README.md` says what they were and where the measurements are.
 
-* "affine" (default): each weight becomes `2q - c` (symmetric, c = 2^b - 1) or `q - z` (zeros),
-  exact small integers in the activation dtype, before the dot;
-* "rowsum": the raw codes `q` go to the dot and the offset is applied afterwards,
-  `x @ (2q - c) = 2 (x @ q) - c Σx`, `x @ (q - z) = x @ q - z Σx`, with row sums Σx per step.
-  Fewer ops per weight, but the per-step row reduction costs more than it saves: on an H100 it
-  was 1.07-1.85x slower (benchmarks/kernels.md);
-* "magic": `off + q` in bf16/fp16 by one OR and a bitcast (no int->float convert), offset removed
-  through row sums as in "rowsum". 7-25% slower than "affine" on an H200 at <= 16 rows.
-
-Tile layout: `Program.swap_ab` computes the transposed tile `W_tile @ x_tileᵀ` (weight rows as the
-MMA M dimension; codes unpacked along the minor axis by broadcast+reshape or a `tt.join` tree,
-`Program.unpack`). 1.2-1.6x slower than the default `x_tile @ W_tile` on an H200, so off by default.
-
-FMA tiles (`Program.fma`, decode batches of a few rows): no tensor-core dot at all. Each weight
-tile is dequantized to f32 and multiplied into the rows by broadcast FMAs, `Σ_k x[r, k] w[k, :]`
-(a GEMV per row). A tensor-core dot pads the batch to 16 rows, so at 1-4 rows it does 4-16x the
-useful multiplies and routes every dequantized tile through the MMA operand layout; the FMA form
-does one multiply-add per weight and row and needs no block_m >= 16. Rows are a power of two
->= the batch (`FMA_MAX_ROWS` caps where the planner picks it by default).
+FMA tiles (`Program.fma`, decode batches of a few rows): no tensor-core dot at all. The raw codes
+of each weight tile (as f32) are multiplied into the rows by broadcast FMAs, `Σ_k x[r, k] q[k, :]`
+(a GEMV per row), and the code offset is removed afterwards through the row sums of x,
+`x @ (2q - c) = 2 (x @ q) - c Σx`, `x @ (q - z) = x @ q - z Σx`. A tensor-core
+dot pads the batch to 16 rows, so at 1-4 rows it does 4-16x the useful multiplies and routes
+every dequantized tile through the MMA operand layout; the FMA form does one multiply-add per
+weight and row and needs no block_m >= 16. Rows are a power of two >= the batch (`FMA_MAX_ROWS`
+caps where the planner picks it by default).
 
 Grid: (column tiles over all column parts, row tiles | tenant work items, split-K). With split-K
 > 1 the output holds f32 partial sums `(S, M, N)` that the caller reduces (XLA fuses that reduce
@@ -59,19 +53,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import packing
-from pallas_kernels._common import pow2_divisor, unsort_rows
+from pallas_kernels._common import cdiv, is_pow2, pow2_divisor, sm_count, split_for, unsort_rows
 
 MAX_BLOCK_K = 128
 MAX_BLOCK_N = 128
-DEQUANT_MODES = ("rowsum", "affine", "magic")
-UNPACK_MODES = ("reshape", "join", "split")
-# The dequant strategy used when a TritonConfig does not name one. H100 A/B (benchmarks/
-# kernels.md): "affine" took 0.54-0.94x the time of "rowsum" (geometric mean ~0.76x) on 7 shapes.
-DEFAULT_DEQUANT = "affine"
-# Transposed tiles (weight rows as the MMA M dimension) for batches up to SWAP_AB_MAX_ROWS rows,
-# and the unpack idiom they use. Set from the H200 A/B in benchmarks/kernels.md.
-DEFAULT_SWAP_AB = False
-SWAP_AB_MAX_ROWS = 64
+UNPACK_MODES = ("reshape", "split")
 DEFAULT_UNPACK = "reshape"
 # Single-operand programs (quant_matmul) at <= SPLIT_MAX_ROWS rows with 4- or 8-bit codes default
 # to "split" (H200, benchmarks/kernels.md: 4096x14336 w4 M=16 29.1 -> 24.0 us kernel-only, w8
@@ -99,19 +85,10 @@ class TritonConfig:
       split_k: number of contraction splits (partial sums reduced afterwards).
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining stages.
-      dequant: "rowsum" (codes go straight to the MMA; the code offset and zeros are applied
-        after the dot through row sums of x), "affine" (each weight is dequantized to
-        2q - c or q - z before the dot) or "magic" (codes become `off + q` in bf16/fp16 by one
-        integer OR and a bitcast, no int->float convert; the offset is removed after the dot
-        through row sums as in "rowsum"; fp32 activations fall back to "affine"). Scales are
-        applied after the dot in every mode.
-      swap_ab: compute the transposed tile `W_tile (block_n, block_k) @ x_tileᵀ` so the weight
-        fills the MMA's M dimension (decode batches are only 16 rows) and codes unpack along
-        the tile's minor axis.
-      unpack: with swap_ab, "reshape" (broadcast shifts + reshape) or "join" (a tree of
-        `jnp.stack(..., -1)`, i.e. `tt.join`, keeping each word's fields in one thread);
-        without, "reshape" or "split" (one dot per word field against strided activation
-        columns; one plane of >= 4 bits with >= 16 words per step, else "reshape").
+      unpack: "reshape" (broadcast shifts + reshape into the (block_k, block_n) code tile) or
+        "split" (one dot per word field against strided activation columns; one plane of >= 4
+        bits with >= 16 words per step, else "reshape"). Default: "split" for single-operand
+        programs of <= `SPLIT_MAX_ROWS` rows with `SPLIT_BITS` codes, else "reshape".
       fma: FMA tiles (no tensor-core dot; f32 multiply-adds per weight and row) for small
         decode batches; block_m may then be any power of two >= 1. Default: batches of at most
         `FMA_MAX_ROWS` rows.
@@ -123,8 +100,6 @@ class TritonConfig:
     split_k: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
-    dequant: str | None = None
-    swap_ab: bool | None = None
     unpack: str | None = None
     fma: bool | None = None
 
@@ -175,8 +150,6 @@ class Program:
     num_stages: int
     out_dtype: str
     tenants: bool = False
-    dequant: str = "rowsum"
-    swap_ab: bool = False
     unpack: str = "reshape"
     fma: bool = False
 
@@ -242,24 +215,74 @@ def block_m_for(m: int) -> int:
     return min(64, max(16, 1 << max(0, (m - 1).bit_length())))
 
 
-def split_for(tiles: int, nblocks: int, sms: int, cap: int = 32, waves: float = 1.5) -> int:
-    """Smallest split-K dividing nblocks with tiles * S >= `waves` waves of SMs.
-
-    1.5 waves came from an H100 sweep; quant/sign_matmul ask for `PACKED_WAVES` (H200 sweep).
-    """
-    best = 1
-    for s in range(1, min(cap, nblocks) + 1):
-        if nblocks % s:
-            continue
-        best = s
-        if tiles * s >= waves * sms:
-            break
-    return best
-
-
 # H200 sweep (benchmarks/kernels.md): block_n 128 with split-K 8 on 4096x14336 (896 programs) and
 # 8192x8192 (512), 8-16 on 4096x4096, were 5-12% faster than the 1.5-wave choice.
 PACKED_WAVES = 3.5
+
+
+def _check_config(cfg: TritonConfig, fma: bool = False) -> None:
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(cfg, name)
+        low = 1 if fma and name in ("block_m", "block_k") else 16
+        if v is not None and (not is_pow2(v) or v < low):
+            raise ValueError(f"TritonConfig.{name} must be a power of two >= {low}, got {v}")
+
+
+def plan_single(
+    m: int,
+    k: int,
+    n: int,
+    packed: Packed,
+    dtype,
+    config: TritonConfig | None,
+    *,
+    row_programs: int | None = None,
+    tenants: bool = False,
+    block_k_cap: int = MAX_BLOCK_K,
+) -> Program:
+    """Program for one packed operand (quant_matmul / sign_matmul, single or multi-tenant)."""
+    cfg = config or TritonConfig()
+    # Multi-tenant programs take FMA tiles only when asked (TritonConfig(fma=True, block_m=...)).
+    fma = use_fma(cfg, m) if not tenants else bool(cfg.fma)
+    _check_config(cfg, fma)
+    if fma:
+        bm = cfg.block_m or fma_block_m(m)
+        bn = cfg.block_n or pow2_divisor(n, FMA_BLOCK_N)
+    else:
+        bm = cfg.block_m or block_m_for(m)
+        bn = cfg.block_n or block_n_heuristic(n, bm)
+    if cfg.block_k:
+        bk = packed_block_k(k, packed, cfg.block_k)
+    elif fma:
+        cap = max(min_block_k(packed.bits), FMA_TILE_ELEMS // (bm * bn))
+        bk = packed_block_k(k, packed, min(block_k_cap, cap))
+    else:
+        bk = packed_block_k(k, packed, block_k_cap, block_n=bn)
+    if n % bn:
+        raise ValueError(f"block_n={bn} does not divide N={n}")
+    unpack = unpack_mode(cfg)
+    if cfg.unpack is None and not fma and m <= SPLIT_MAX_ROWS and packed.bits in SPLIT_BITS:
+        unpack = "split"  # one dot per word field (H200 A/B, see _triton.SPLIT_MAX_ROWS)
+    rows = row_programs if row_programs is not None else cdiv(m, bm)
+    nb = k // bk
+    split = cfg.split_k or split_for((n // bn) * rows, nb, sm_count(), waves=PACKED_WAVES)
+    if nb % split:
+        raise ValueError(f"split_k={split} does not divide the {nb} K steps")
+    kpart = KPart(x_index=0, x_offset=0, k=k, block_k=bk, packed=packed)
+    return Program(
+        colparts=(ColPart(n=n, out_offset=0, block_n=bn, kparts=(kpart,)),),
+        num_x=1,
+        m=m,
+        block_m=bm,
+        row_programs=rows,
+        split_k=split,
+        num_warps=cfg.num_warps or (FMA_NUM_WARPS if fma else 4),
+        num_stages=cfg.num_stages or 3,
+        out_dtype=jnp.dtype(dtype).name,
+        tenants=tenants,
+        unpack=unpack,
+        fma=fma,
+    )
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -292,14 +315,6 @@ def precision_for(x):
     return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
 
 
-def dequant_mode(cfg: TritonConfig | None) -> str:
-    """The dequant strategy of a config (module default when unset), validated."""
-    mode = (cfg.dequant if cfg is not None else None) or DEFAULT_DEQUANT
-    if mode not in DEQUANT_MODES:
-        raise ValueError(f"TritonConfig.dequant must be one of {DEQUANT_MODES}, got {mode!r}")
-    return mode
-
-
 def unpack_mode(cfg: TritonConfig | None) -> str:
     """The unpack strategy of a config (module default when unset), validated."""
     mode = (cfg.unpack if cfg is not None else None) or DEFAULT_UNPACK
@@ -308,53 +323,16 @@ def unpack_mode(cfg: TritonConfig | None) -> str:
     return mode
 
 
-def swap_ab(cfg: TritonConfig | None, m: int) -> bool:
-    """Whether a program uses the transposed (weight-as-M) tile; default by batch size."""
-    if cfg is not None and cfg.swap_ab is not None:
-        return bool(cfg.swap_ab)
-    return DEFAULT_SWAP_AB and m <= SWAP_AB_MAX_ROWS
-
-
 def use_fma(cfg: TritonConfig | None, m: int) -> bool:
     """Whether a program uses FMA tiles (no tensor-core dot); default by batch size."""
     if cfg is not None and cfg.fma is not None:
         return bool(cfg.fma)
-    if cfg is not None and cfg.swap_ab:
-        return False  # an explicit transposed tile is an MMA tile
     return m <= FMA_MAX_ROWS
 
 
 def fma_block_m(m: int) -> int:
     """Rows per FMA tile: the batch rounded up to a power of two."""
     return 1 << max(0, (m - 1).bit_length())
-
-
-def _unpack_minor(words: jax.Array, pb: int, mode: str) -> jax.Array:
-    """(BN, R) words -> (BN, R * 32/pb) int32 codes along the minor axis (k = w*vpw + t)."""
-    vpw = packing.WORD_BITS // pb
-    bn, r = words.shape
-    mask = (1 << pb) - 1
-    if mode in ("reshape", "split"):  # "split" has no transposed form: plain reshape
-        shifts = (jnp.arange(vpw, dtype=jnp.int32) * pb).astype(words.dtype)
-        q = (words[:, :, None] >> shifts[None, None, :]) & mask
-        return q.reshape(bn, r * vpw).astype(jnp.int32)
-
-    def arrange(ts):  # last joined axis = lowest bit of t, so the row-major flatten is t order
-        if len(ts) == 1:
-            return (words >> (ts[0] * pb)) & mask
-        return jnp.stack([arrange(ts[0::2]), arrange(ts[1::2])], axis=-1)
-
-    return arrange(list(range(vpw))).reshape(bn, r * vpw).astype(jnp.int32)
-
-
-def _magic(q: jax.Array, dtype) -> tuple[jax.Array, float]:
-    """int32 codes q < 128 -> (off + q) in bf16/fp16 by an OR and a bitcast; returns (w, off)."""
-    if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
-        bits, off = 0x4300, 128.0  # bf16 128.0: mantissa step 1 on [128, 256)
-    else:
-        bits, off = 0x6400, 1024.0  # fp16 1024.0: mantissa step 1 on [1024, 2048)
-    w = lax.bitcast_convert_type((q | bits).astype(jnp.int16), jnp.dtype(dtype))
-    return w, off
 
 
 def _unpack(words: jax.Array, pb: int) -> jax.Array:
@@ -390,16 +368,13 @@ def _fma_planes(xb, words, pbits, bm: int, bk: int, bn: int) -> jax.Array:
 
 
 def uses_split(prog: Program, kp: KPart) -> bool:
-    """Whether a packed K part runs as split dots (`TritonConfig.unpack="split"`): NK tiles, MMA,
-    affine dequant, one plane of >= 4 bits and >= 16 words per K step; else the reshape path."""
+    """Whether a packed K part runs as split dots (`TritonConfig.unpack="split"`): MMA tiles,
+    one plane of >= 4 bits and >= 16 words per K step; else the reshape path."""
     pk = kp.packed
-    if pk is None or prog.unpack != "split" or prog.swap_ab or prog.fma:
+    if pk is None or prog.unpack != "split" or prog.fma:
         return False
     pbits = packing.plane_bits(pk.bits)
-    return (
-        len(pbits) == 1 and prog.dequant == "affine"
-        and kp.block_k * pbits[0] // packing.WORD_BITS >= 16
-    )
+    return len(pbits) == 1 and kp.block_k * pbits[0] // packing.WORD_BITS >= 16
 
 
 def split_permute(x: jax.Array, kp: KPart) -> jax.Array:
@@ -461,18 +436,9 @@ def _packed_part(acc, kp, kidx, refs, x_ref, tenant, row0, row_mask, col0, bn, s
     bk, bm = kp.block_k, prog.block_m
     c = float(2**pk.bits - 1)
     steps_per_group = 1 if pk.scalar_scale else pk.group // bk
-    swap = prog.swap_ab
-    mode = prog.dequant
-    xdt = jnp.dtype(x_ref.dtype)
-    if mode == "magic" and (xdt == jnp.dtype(jnp.float32) or (
-        xdt == jnp.dtype(jnp.bfloat16) and pk.bits > 7
-    )):
-        mode = "affine"  # fp32 has no exact small-mantissa window; bf16 holds only 7-bit codes
 
-    def vec(ref, g):
-        # (1, bn) per-column values of group g; (bn, 1) in the transposed tile.
-        v = ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
-        return v.reshape(bn, 1) if swap else v
+    def vec(ref, g):  # (1, bn) per-column values of group g
+        return ref[_idx(tenant, pl.ds(g, 1), pl.ds(col0, bn))].astype(jnp.float32)
 
     # "split": one dot per word field, against x columns that `run` permuted to match.
     split_k_dots = uses_split(prog, kp)
@@ -488,22 +454,11 @@ def _packed_part(acc, kp, kidx, refs, x_ref, tenant, row0, row_mask, col0, bn, s
             words.append(wp)
             if prog.fma or split_k_dots:
                 continue  # FMA tiles / split dots never build the (bk, bn) code tile
-            qp = _unpack_minor(wp.T, pb, prog.unpack) if swap else _unpack(wp, pb)
+            qp = _unpack(wp, pb)
             q = qp if q is None else q | (qp << shift)
             shift += pb
         g = kb // steps_per_group
         z = vec(z_ref, g) if pk.has_zero else None
-        prec = precision_for(xb)
-
-        def mm(w):  # (bm, bn) product, or (bn, bm) in the transposed tile
-            if swap:
-                return jnp.dot(w, xb.T, precision=prec, preferred_element_type=jnp.float32)
-            return jnp.dot(xb, w, precision=prec, preferred_element_type=jnp.float32)
-
-        def rowsum():
-            xs = jnp.sum(xb.astype(jnp.float32), axis=1)
-            return xs[None, :] if swap else xs[:, None]
-
         if split_k_dots:
             d = _split_dots(x_ref, words[0], pbits[0], z, c, row0, bm,
                             kp.x_offset + kb * bk, bk, row_mask)
@@ -511,21 +466,12 @@ def _packed_part(acc, kp, kidx, refs, x_ref, tenant, row0, row_mask, col0, bn, s
             d = _fma_planes(xb, words, pbits, bm, bk, bn)  # x @ q, q = the raw codes
             xs = jnp.sum(xb.astype(jnp.float32), axis=1)[:, None]
             d = d - xs * z if z is not None else 2.0 * d - c * xs
-        elif mode == "affine":
+        else:
             if z is not None:
                 w = (q.astype(jnp.float32) - z).astype(xb.dtype)
             else:
                 w = (2 * q - (2**pk.bits - 1)).astype(xb.dtype)
-            d = mm(w)
-        elif mode == "magic":
-            w, off = _magic(q, xb.dtype)
-            d = mm(w)  # x @ (off + q)
-            xs = rowsum()
-            d = d - xs * (off + z) if z is not None else 2.0 * d - (2.0 * off + c) * xs
-        else:
-            d = mm(q.astype(xb.dtype))
-            xs = rowsum()
-            d = d - xs * z if z is not None else 2.0 * d - c * xs
+            d = jnp.dot(xb, w, precision=precision_for(xb), preferred_element_type=jnp.float32)
         if pk.scalar_scale:
             return carry + d
         return carry + vec(s_ref, g) * d
@@ -543,10 +489,9 @@ def _dense_part(acc, kp, kidx, w_ref, x_ref, row0, row_mask, col0, bn, split, pr
     def body(kb, carry):
         xb = _load_rows(x_ref, None, row0, bm, kp.x_offset + kb * bk, bk, row_mask)
         wb = w_ref[pl.ds(col0, bn), pl.ds(kb * bk, bk)].astype(xb.dtype)
-        a, b = (wb, xb) if prog.swap_ab else (xb, wb)
         d = lax.dot_general(
-            a,
-            b,
+            xb,
+            wb,
             (((1,), (1,)), ((), ())),
             precision=precision_for(xb),
             preferred_element_type=jnp.float32,
@@ -559,7 +504,7 @@ def _dense_part(acc, kp, kidx, w_ref, x_ref, row0, row_mask, col0, bn, split, pr
 def _tile(cp, refs, x_refs, out_ref, j, row0, row_mask, tenant, split, prog):
     bn, bm = cp.block_n, prog.block_m
     col0 = j * bn
-    acc = jnp.zeros((bn, bm) if prog.swap_ab else (bm, bn), jnp.float32)
+    acc = jnp.zeros((bm, bn), jnp.float32)
     pos = 0
     for kidx, kp in enumerate(cp.kparts):
         x_ref = x_refs[kp.x_index]
@@ -587,9 +532,7 @@ def _tile(cp, refs, x_refs, out_ref, j, row0, row_mask, tenant, split, prog):
             pos += n
     if cp.col_scale:
         cs = refs[pos][_idx(tenant, pl.ds(col0, bn))].astype(jnp.float32)
-        acc = acc * (cs[:, None] if prog.swap_ab else cs[None, :])
-    if prog.swap_ab:
-        acc = acc.T
+        acc = acc * cs[None, :]
     idx = (pl.ds(row0, bm), pl.ds(cp.out_offset + col0, bn))
     view = out_ref.at[(split, *idx) if prog.split_k > 1 else idx]
     val = acc.astype(out_ref.dtype)

@@ -21,6 +21,8 @@ with `g = k // G`. This module imports only jax and numpy.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -108,3 +110,58 @@ def dequantize(
 def packed_nbytes(k_pad: int, n: int, bits: int) -> int:
     """Bytes of the code planes of a (N, K_pad) matrix."""
     return sum(k_pad * pb // WORD_BITS * n * 4 for pb in plane_bits(bits))
+
+
+def check_packed(
+    planes,
+    scale,
+    zero,
+    *,
+    bits: int,
+    group: int,
+    where: str,
+    stacked: bool = False,
+) -> tuple[int, int]:
+    """Validates one packed operand and returns `(k_pad, n)`.
+
+    Args:
+      planes: tuple of uint32 words, `(K_pad*pb/32, N)` per plane (`(T, ...)` when `stacked`).
+      scale: `(K_pad/G, N)` float scales (`(T, ...)` when `stacked`).
+      zero: None or integer-valued floats shaped like `scale`.
+      bits: code width, 1..8.
+      group: group size G along K.
+      where: name used in error messages (e.g. "quant_matmul: planes").
+      stacked: operands carry a leading tenant axis.
+
+    Raises:
+      ValueError: naming the operand and the shapes at fault.
+    """
+    pbits = plane_bits(bits)
+    if not isinstance(planes, (tuple, list)) or len(planes) != len(pbits):
+        got = len(planes) if isinstance(planes, (tuple, list)) else type(planes).__name__
+        raise ValueError(f"{where}: bits={bits} needs {len(pbits)} planes {pbits}, got {got}")
+    lead = 1 if stacked else 0
+    first = planes[0]
+    if first.ndim != 2 + lead:
+        raise ValueError(f"{where}: plane 0 must have {2 + lead} dims, got shape {first.shape}")
+    n = first.shape[-1]
+    k_pad = first.shape[-2] * WORD_BITS // pbits[0]
+    if group < 1:
+        raise ValueError(f"{where}: group must be >= 1, got {group}")
+    if k_pad % math.lcm(WORD_BITS, group):
+        raise ValueError(
+            f"{where}: K_pad={k_pad} (from plane 0 shape {first.shape}) is not a multiple of "
+            f"lcm(32, group={group})"
+        )
+    for i, (p, pb) in enumerate(zip(planes, pbits)):
+        want = first.shape[:lead] + (k_pad * pb // WORD_BITS, n)
+        if tuple(p.shape) != want:
+            raise ValueError(f"{where}: plane {i} ({pb}-bit) has shape {p.shape}, expected {want}")
+        if p.dtype not in (jnp.uint32, jnp.int32):
+            raise ValueError(f"{where}: plane {i} must be uint32 words, got {p.dtype}")
+    want_s = first.shape[:lead] + (k_pad // group, n)
+    if tuple(scale.shape) != want_s:
+        raise ValueError(f"{where}: scale has shape {scale.shape}, expected {want_s}")
+    if zero is not None and tuple(zero.shape) != want_s:
+        raise ValueError(f"{where}: zero has shape {zero.shape}, expected {want_s}")
+    return k_pad, n

@@ -57,15 +57,11 @@ flags.DEFINE_bool("quick", False, "Run a small subset (2 shapes, 1 and 16 tokens
 flags.DEFINE_bool("check", True, "Check every kernel against its reference on the device first.")
 flags.DEFINE_bool("bench", True, "Run the benchmark tables.")
 flags.DEFINE_bool("sweep", False, "Time a grid of Triton tile configs for quant_matmul.")
-flags.DEFINE_bool("ab", True, "A/B the two Triton dequant strategies and use the faster.")
 flags.DEFINE_integer("loops", 10, "fori_loop iterations per timed run.")
 flags.DEFINE_integer("reps", 5, "Timed runs (the median is reported).")
 flags.DEFINE_string("out", "benchmarks/kernels.md", "Markdown report path.")
 flags.DEFINE_integer("sweep_budget_s", 150, "Stop starting new sweep configs after this long.")
 flags.DEFINE_bool("smoke", False, "Tiny shapes, CPU allowed: checks the script's plumbing only.")
-flags.DEFINE_bool(
-    "variants", False, "A/B the Triton tile layouts (swap-AB, unpack, dequant); adopt the fastest."
-)
 flags.DEFINE_bool(
     "profile",
     True,
@@ -79,7 +75,6 @@ flags.DEFINE_list("bits_m16", [], "Extra bit widths at M=16 (default 8,3,1).")
 flags.DEFINE_list(
     "sections", ["quant", "sign", "lowrank", "multitenant"], "Which timing tables to run."
 )
-flags.DEFINE_integer("variants_budget_s", 200, "Seconds after which no new variant timing starts.")
 flags.DEFINE_bool(
     "fma",
     False,
@@ -451,57 +446,6 @@ def write_report():
             f.write("\n".join(LOG) + "\n")
 
 
-def ab_dequant(mk, bw):
-    """Times both Triton dequant strategies at default tiles; makes the faster one the default."""
-    lines = [
-        "| K×N | M | bits | rowsum µs | affine µs | affine / rowsum |",
-        "|---|---|---|---|---|---|",
-    ]
-    log("\n## Triton dequant strategy A/B (default tiles, per layer)")
-    log(lines[0])
-    cases = [
-        ((4096, 14336), 16, 4),
-        ((4096, 14336), 16, 2),
-        ((4096, 4096), 16, 4),
-        ((4096, 4096), 1, 1),
-        ((4096, 14336), 64, 4),
-        ((8192, 8192), 1, 4),
-        ((14336, 4096), 16, 3),
-    ]
-    if FLAGS.smoke:
-        cases = [((256, 128), 16, 4)]
-    ratios = []
-    for (k, n), m, bits in cases:
-        x = mk.x(m, k)
-        ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
-        t = {}
-        for mode in ("rowsum", "affine"):
-            cfg = qgpu.TritonConfig(dequant=mode)
-
-            def f(x, w, cfg=cfg, bits=bits):
-                return qgpu.quant_matmul(
-                    x, w[0], w[1], None, bits=bits, group=GROUP, config=cfg, interpret=FLAGS.smoke
-                )
-
-            t[mode] = time_layers(f, x, ws)
-        del ws
-        ratios.append(t["affine"] / t["rowsum"])
-        lines.append(
-            f"| {k}×{n} | {m} | {bits} | {t['rowsum']:.1f} | {t['affine']:.1f} | {ratios[-1]:.2f} |"
-        )
-        log(lines[-1])
-    gmean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    winner = "affine" if gmean < 1.0 else "rowsum"
-    tr.DEFAULT_DEQUANT = winner
-    jax.clear_caches()
-    lines.append(
-        f"\ngeometric-mean affine/rowsum = {gmean:.3f}: the tables below use "
-        f"`{winner}` (`pallas_kernels._triton.DEFAULT_DEQUANT`)."
-    )
-    log(lines[-1])
-    return "\n".join(lines)
-
-
 def sign_rows(mk, bl, bw, shapes, ms):
     rows = []
     for k, n in shapes:
@@ -738,16 +682,6 @@ def sweep(mk, bw):
     return lines
 
 
-VARIANTS = [  # (name, TritonConfig fields)
-    ("NK affine (v1 default)", dict(swap_ab=False, dequant="affine")),
-    ("NK magic", dict(swap_ab=False, dequant="magic")),
-    ("swapAB reshape affine", dict(swap_ab=True, unpack="reshape", dequant="affine")),
-    ("swapAB join affine", dict(swap_ab=True, unpack="join", dequant="affine")),
-    ("swapAB reshape magic", dict(swap_ab=True, unpack="reshape", dequant="magic")),
-    ("swapAB join magic", dict(swap_ab=True, unpack="join", dequant="magic")),
-]
-
-
 def _qfn(cfg, bits):
     def f(x, w):
         return qgpu.quant_matmul(
@@ -755,94 +689,6 @@ def _qfn(cfg, bits):
         )
 
     return f
-
-
-def variants(mk, bw):
-    """A/B of tile layouts at default tiles, then a tile sweep of the winner; adopts both."""
-    lines = [
-        "| K×N | M | bits | variant | µs/layer | Pallas kernel µs | device busy µs | "
-        "% roofline (kernel) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    log("\n## Triton layout variants (default tiles)")
-    log(lines[0])
-    cases = [
-        ((4096, 14336), 16, 4),
-        ((4096, 14336), 16, 2),
-        ((4096, 14336), 1, 1),
-        ((4096, 4096), 16, 4),
-        ((8192, 8192), 16, 4),
-        ((4096, 14336), 64, 4),
-    ]
-    if FLAGS.smoke:
-        cases = [((256, 128), 16, 4)]
-    deadline = time.time() + FLAGS.variants_budget_s
-    score = collections.defaultdict(list)
-    for (k, n), m, bits in cases:
-        x = mk.x(m, k)
-        ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
-        roof = (packed_bytes(k, n, bits) + io_bytes(m, k, n)) / bw * 1e6
-        for name, kw in VARIANTS:
-            if time.time() > deadline:
-                break
-            try:
-                t = time_layers(_qfn(qgpu.TritonConfig(**kw), bits), x, ws)
-            except Exception as e:
-                log(f"variant {name} failed: {type(e).__name__}: {str(e)[:300]}")
-                continue
-            kt = prof("kernel")
-            score[name].append(math.log((kt or t) / roof))
-            line = (
-                f"| {k}×{n} | {m} | {bits} | {name} | {t:.1f} | {fmt(kt)} | {fmt(prof('busy'))} "
-                f"| {fmt(None if not kt else 100 * roof / kt, '.0f')} |"
-            )
-            lines.append(line)
-            log(line)
-        del ws
-    full = [nm for nm, _ in VARIANTS if len(score[nm]) == max(len(v) for v in score.values())]
-    best = min(full, key=lambda nm: sum(score[nm]))
-    kw = dict(VARIANTS)[best]
-    tr.DEFAULT_SWAP_AB = bool(kw["swap_ab"])
-    tr.DEFAULT_DEQUANT = kw["dequant"]
-    tr.DEFAULT_UNPACK = kw.get("unpack", tr.DEFAULT_UNPACK)
-    jax.clear_caches()
-    lines.append(
-        f"\nadopted (lowest geometric-mean Pallas kernel time over the cases): **{best}** "
-        f"(`_triton.DEFAULT_SWAP_AB={tr.DEFAULT_SWAP_AB}`, `DEFAULT_UNPACK={tr.DEFAULT_UNPACK!r}`, "
-        f"`DEFAULT_DEQUANT={tr.DEFAULT_DEQUANT!r}`)"
-    )
-    log(lines[-1])
-    # Tile sweep of the adopted layout.
-    lines += [
-        "",
-        "| K×N | M | bits | block_n | split_k | warps | stages | µs/layer | Pallas kernel µs |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for (k, n), m, bits in cases[:2] + cases[3:5]:
-        x = mk.x(m, k)
-        ws = [mk.packed(k, n, bits) for _ in range(copies(packed_bytes(k, n, bits)))]
-        for bn in (64, 128, 256):
-            for split in (1, 2, 4, 8, 16):
-                for warps, stages in ((4, 3), (4, 4), (8, 3)):
-                    tiles = (n // bn) * split
-                    if tiles < 64 or tiles > 2048 or time.time() > deadline + 90:
-                        continue
-                    cfg = qgpu.TritonConfig(
-                        block_n=bn, split_k=split, num_warps=warps, num_stages=stages
-                    )
-                    try:
-                        t = time_layers(_qfn(cfg, bits), x, ws)
-                    except Exception as e:
-                        log(f"config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
-                        continue
-                    line = (
-                        f"| {k}×{n} | {m} | {bits} | {bn} | {split} | {warps} | {stages} | "
-                        f"{t:.1f} | {fmt(prof('kernel'))} |"
-                    )
-                    lines.append(line)
-                    log(line)
-        del ws
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- FMA tiles
@@ -1086,12 +932,6 @@ def main(argv):
     log(header[-2])
     log(header[-1])
     write_report()
-    if FLAGS.variants:
-        try:
-            REPORT["tables"]["variants"] = "## Triton layout variants\n\n" + variants(mk, bw)
-        except Exception:
-            log(traceback.format_exc())
-        write_report()
     if FLAGS.mosaic:
         try:
             REPORT["tables"]["mosaic"] = "## Mosaic GPU quant_matmul\n\n" + mosaic_ab(mk, bw)
@@ -1104,13 +944,8 @@ def main(argv):
         except Exception:
             log(traceback.format_exc())
         write_report()
-    if FLAGS.ab:
-        try:
-            REPORT["tables"]["ab"] = "## Triton dequant strategy A/B\n\n" + ab_dequant(mk, bw)
-        except Exception:
-            log(traceback.format_exc())
-    if FLAGS.check and not FLAGS.smoke:  # after the A/B, so the checks cover the chosen default
-        header += [f"- {line} (dequant default: {tr.DEFAULT_DEQUANT})" for line in run_checks()]
+    if FLAGS.check and not FLAGS.smoke:
+        header += [f"- {line}" for line in run_checks()]
     if FLAGS.sweep:
         try:
             REPORT["tables"]["sweep"] = "## Triton tile sweep (quant_matmul)\n\n" + "\n".join(

@@ -1,8 +1,13 @@
-"""Random packed operands and comparison helpers for the kernel tests (fresh data every run)."""
+"""Seeded random packed operands and comparison helpers for the kernel tests.
+
+Every draw comes from `rng(seed)`; tests derive the seed from their name and parameters
+(`seed_for`) and put it in their assert messages, so a failure names the inputs that caused it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +19,14 @@ from pallas_kernels.lowrank_delta_matmul import LowRankBand
 CPU = jax.devices("cpu")[0]
 
 
-def rng() -> np.random.Generator:
-    """A fresh, unseeded generator: every run draws new inputs (failures print the inputs)."""
-    return np.random.default_rng()
+def seed_for(*key) -> int:
+    """A stable seed for one test case: CRC-32 of the repr of its name and parameters."""
+    return zlib.crc32(repr(key).encode())
+
+
+def rng(seed: int) -> np.random.Generator:
+    """The generator of one test case (`np.random.default_rng(seed)`)."""
+    return np.random.default_rng(seed)
 
 
 @contextlib.contextmanager
@@ -104,3 +114,40 @@ def assert_close(got, want, *, dtype, what=""):
     scale = max(1e-6, float(np.abs(want).max()))
     err = float(np.abs(got - want).max()) / scale
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+
+
+# Names every dispatcher is probed with: each implementation any op has, and names none has.
+PROBE_NAMES = ("auto", "xla", "pallas_gpu", "mosaic_gpu", "pallas_tpu", "triton", "XLA", "")
+
+
+def assert_accepts_exactly(call, table, *, where, dtype, seed):
+    """A dispatcher accepts "auto" and the keys of its `IMPLEMENTATIONS` table, nothing else.
+
+    Args:
+      call: `call(name)` runs the dispatcher with `implementation=name` (interpret mode) on fixed
+        inputs and returns its output.
+      table: the op's `IMPLEMENTATIONS` dict.
+      where: the dispatcher's name, expected at the start of its error messages.
+      dtype: activation dtype (for the tolerance of `assert_close`).
+      seed: the seed of the inputs, for the messages.
+
+    Every name outside the table must raise a ValueError that names the call, the name given and
+    every allowed value. Every name in it must either run and match the "xla" output, or be refused
+    for another reason (e.g. a missing GPU), never as an unknown name.
+    """
+    allowed = ("auto", *table)
+    want = call("xla")
+    for name in dict.fromkeys(PROBE_NAMES + allowed):
+        try:
+            got = call(name)
+        except ValueError as e:
+            msg = str(e)
+            unknown = "implementation must be one of" in msg
+            assert unknown != (name in allowed), f"seed={seed} {where}({name!r}): {msg}"
+            if unknown:
+                assert msg.startswith(where) and repr(name) in msg, f"seed={seed} {msg}"
+                missing = [a for a in allowed if repr(a) not in msg]
+                assert not missing, f"seed={seed} {where}: {msg!r} does not name {missing}"
+            continue
+        assert name in allowed, f"seed={seed} {where}: implementation={name!r} was accepted"
+        assert_close(got, want, dtype=dtype, what=f"seed={seed} {where}({name!r})")

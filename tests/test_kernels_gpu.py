@@ -17,6 +17,7 @@ from kernels_helpers import (
     lowrank_bands,
     packed_operand,
     rng,
+    seed_for,
     tenant_ids,
 )
 
@@ -44,53 +45,45 @@ def _poison():
 @pytest.mark.parametrize("m", [1, 16, 200])
 @pytest.mark.parametrize("zero", [False, True])
 def test_quant_matmul_gpu(bits, m, zero):
-    gen = rng()
+    seed = seed_for("test_quant_matmul_gpu", bits, m, zero)
+    gen = rng(seed)
     k, n, group = 1024, 576, 128
     _, planes, scale, z, _ = packed_operand(gen, k, n, bits=bits, group=group, zero=zero)
     x = activations(gen, m, k, BF16)
     _poison()
     got = quant_matmul(x, planes, scale, z, bits=bits, group=group, implementation="pallas_gpu")
     want = quant_matmul(x, planes, scale, z, bits=bits, group=group, implementation="xla")
-    assert_close(got, want, dtype=BF16, what=f"gpu quant bits={bits} m={m} zero={zero}")
-
-
-@pytest.mark.parametrize("bits,zero", [(1, False), (3, True), (4, False), (8, True)])
-def test_quant_matmul_gpu_rowsum(bits, zero):
-    gen = rng()
-    k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 576, bits=bits, group=128, zero=zero)
-    x = activations(gen, 16, k_pad, BF16)
-    _poison()
-    cfg = qgpu.TritonConfig(dequant="rowsum")
-    got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
-    want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=BF16, what=f"gpu rowsum bits={bits}")
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu quant bits={bits} m={m} zero={zero}")
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_quant_matmul_gpu_dtypes(dtype):
-    gen = rng()
+    seed = seed_for("test_quant_matmul_gpu_dtypes", dtype)
+    gen = rng(seed)
     _, planes, scale, _, _ = packed_operand(gen, 4096, 512, bits=4, group=128)
     x = activations(gen, 16, 4096, dtype)
     _poison()
     got = quant_matmul(x, planes, scale, bits=4, group=128, implementation="pallas_gpu")
     want = quant_matmul(x, planes, scale, bits=4, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"gpu quant {dtype}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} gpu quant {dtype}")
 
 
 @pytest.mark.parametrize("m", [1, 64])
 def test_sign_matmul_gpu(m):
-    gen = rng()
+    seed = seed_for("test_sign_matmul_gpu", m)
+    gen = rng(seed)
     _, (words,), _, _, _ = packed_operand(gen, 4096, 512, bits=1, group=32)
     x = activations(gen, m, 4096, BF16)
     _poison()
     got = sign_matmul(x, words, jnp.float32(0.02), implementation="pallas_gpu")
     want = sign_matmul(x, words, jnp.float32(0.02), implementation="xla")
-    assert_close(got, want, dtype=BF16, what="gpu sign")
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu sign")
 
 
 @pytest.mark.parametrize("m,with_base", [(1, False), (16, True), (100, True)])
 def test_lowrank_gpu(m, with_base):
-    gen = rng()
+    seed = seed_for("test_lowrank_gpu", m, with_base)
+    gen = rng(seed)
     k, n = 1024, 768
     bands = lowrank_bands(
         gen, k, n, [(8, 128, 8, 128, 2), (3, 128, 3, 128, 32), (2, 128, 2, 128, 200)]
@@ -100,12 +93,13 @@ def test_lowrank_gpu(m, with_base):
     _poison()
     got = lowrank_delta_matmul(x, bands, base=base, implementation="pallas_gpu")
     want = lowrank_delta_matmul(x, bands, base=base, implementation="xla")
-    assert_close(got, want, dtype=BF16, what=f"gpu lowrank m={m}")
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu lowrank m={m}")
 
 
 @pytest.mark.parametrize("m", [16, 200])
 def test_multitenant_gpu(m):
-    gen = rng()
+    seed = seed_for("test_multitenant_gpu", m)
+    gen = rng(seed)
     num_t, k, n = 4, 1024, 512
     tids = tenant_ids(gen, m, num_t)
     x = activations(gen, m, k, BF16)
@@ -118,14 +112,14 @@ def test_multitenant_gpu(m):
     want = quant_matmul_multitenant(
         x, tids, planes, scale, z, bits=3, group=128, y_base=y_base, implementation="xla"
     )
-    assert_close(got, want, dtype=BF16, what="gpu quant multitenant")
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu quant multitenant")
 
     _, (words,), _, _, _ = packed_operand(gen, k, n, bits=1, group=32, tenants=num_t)
     scales = jnp.asarray(gen.uniform(0.01, 0.1, num_t), F32)
     _poison()
     got = sign_matmul_multitenant(x, tids, words, scales, implementation="pallas_gpu")
     want = sign_matmul_multitenant(x, tids, words, scales, implementation="xla")
-    assert_close(got, want, dtype=BF16, what="gpu sign multitenant")
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu sign multitenant")
 
     bands = lowrank_bands(gen, k, n, [(8, 128, 8, 128, 2), (2, 128, 2, 128, 60)], tenants=num_t)
     _poison()
@@ -133,60 +127,7 @@ def test_multitenant_gpu(m):
         x, tids, bands, y_base=y_base, implementation="pallas_gpu"
     )
     want = lowrank_delta_matmul_multitenant(x, tids, bands, y_base=y_base, implementation="xla")
-    assert_close(got, want, dtype=BF16, what="gpu lowrank multitenant")
-
-
-LAYOUTS = [
-    dict(swap_ab=False, dequant="magic"),
-    dict(swap_ab=True, unpack="reshape", dequant="affine"),
-    dict(swap_ab=True, unpack="join", dequant="affine"),
-    dict(swap_ab=True, unpack="reshape", dequant="magic"),
-    dict(swap_ab=True, unpack="join", dequant="magic"),
-    dict(swap_ab=True, unpack="join", dequant="rowsum"),
-]
-
-
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "-".join(str(v) for v in d.values()))
-@pytest.mark.parametrize(
-    "bits,zero,dtype,m", [(4, False, BF16, 16), (1, False, BF16, 1), (3, True, F16, 64),
-                          (8, True, BF16, 5), (2, False, F32, 16)]
-)
-def test_quant_matmul_gpu_layouts(layout, bits, zero, dtype, m):
-    """Every tile layout / dequant variant the benchmark A/B may adopt, compiled."""
-    gen = rng()
-    k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 512, bits=bits, group=128, zero=zero)
-    x = activations(gen, m, k_pad, dtype)
-    _poison()
-    cfg = qgpu.TritonConfig(**layout)
-    got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
-    want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"gpu layout {layout} bits={bits}")
-
-
-@pytest.mark.parametrize("layout", LAYOUTS[1:3], ids=["reshape", "join"])
-def test_sign_and_multitenant_gpu_swap_ab(layout, monkeypatch):
-    """The adopted swap-AB default also drives sign_matmul and the multi-tenant forms."""
-    from pallas_kernels import _triton as tr
-
-    monkeypatch.setattr(tr, "DEFAULT_SWAP_AB", True)
-    monkeypatch.setattr(tr, "DEFAULT_UNPACK", layout["unpack"])
-    gen = rng()
-    x = activations(gen, 16, 512, BF16)
-    words = jnp.asarray(gen.integers(0, 2**32, (512 // 32, 256), dtype="uint64"), jnp.uint32)
-    s = jnp.float32(0.03)
-    _poison()
-    got = sign_matmul(x, words, s, implementation="pallas_gpu")
-    want = sign_matmul(x, words, s, implementation="xla")
-    assert_close(got, want, dtype=BF16, what="gpu sign swap-ab")
-    _, planes, scale, _, _ = packed_operand(gen, 512, 256, bits=4, group=128, tenants=3)
-    tids = tenant_ids(gen, 16, 3)
-    _poison()
-    got = quant_matmul_multitenant(x, tids, planes, scale, bits=4, group=128,
-                                   implementation="pallas_gpu")
-    want = quant_matmul_multitenant(x, tids, planes, scale, bits=4, group=128,
-                                    implementation="xla")
-    assert_close(got, want, dtype=BF16, what="gpu MT swap-ab")
-
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu lowrank multitenant")
 
 
 @pytest.mark.parametrize("m,dtype", [(1, BF16), (16, BF16), (40, F16), (16, F32)])
@@ -194,7 +135,8 @@ def test_stored_delta_multitenant_gpu(m, dtype):
     """Delta-CoMe-layout bands (V, U both packed along their own K; odd ranks), compiled."""
     from pallas_kernels.lowrank_delta_matmul import stored_gpu as sg
 
-    gen = rng()
+    seed = seed_for("test_stored_delta_multitenant_gpu", m, dtype)
+    gen = rng(seed)
     num_t, d_in, d_out = 4, 1024, 512
     bands = []
     for bits, r, zero in [(8, 2, True), (3, 32, False), (2, 100, True)]:
@@ -213,7 +155,7 @@ def test_stored_delta_multitenant_gpu(m, dtype):
     _poison()
     got = jax.jit(sg.stored_delta_multitenant)(x, ids, bands, y_base=yb)
     want = sg.reference(x, ids, bands, y_base=yb)
-    assert_close(got, want, dtype=dtype, what=f"gpu stored delta m={m} {dtype}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} gpu stored delta m={m} {dtype}")
 
 
 @pytest.mark.parametrize("bits,m,zero,dtype", [(1, 1, False, BF16), (2, 2, True, BF16),
@@ -222,14 +164,15 @@ def test_stored_delta_multitenant_gpu(m, dtype):
 @pytest.mark.parametrize("block_n,warps", [(64, 4), (256, 8)])
 def test_quant_matmul_gpu_fma_tiles(bits, m, zero, dtype, block_n, warps):
     """FMA tiles (no tensor-core dot) compiled, incl. split-K and SmolLM2-like odd N."""
-    gen = rng()
+    seed = seed_for("test_quant_matmul_gpu_fma_tiles", bits, m, zero, dtype, block_n, warps)
+    gen = rng(seed)
     k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 768, bits=bits, group=128, zero=zero)
     x = activations(gen, m, k_pad, dtype)
     cfg = qgpu.TritonConfig(fma=True, block_n=block_n, num_warps=warps)
     _poison()
     got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
     want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"gpu fma bits={bits} m={m} bn={block_n}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} gpu fma bits={bits} m={m} bn={block_n}")
 
 
 @pytest.mark.parametrize("op", ["sign", "quant"])
@@ -237,7 +180,8 @@ def test_multitenant_gpu_fma_rows(op):
     """Per-row FMA work items (block_m=1) for one-token-per-tenant serving, compiled."""
     from pallas_kernels.sign_matmul import pallas_gpu as sgpu
 
-    gen = rng()
+    seed = seed_for("test_multitenant_gpu_fma_rows", op)
+    gen = rng(seed)
     num_t, k, n, m = 4, 1024, 512, 16
     x = activations(gen, m, k, BF16)
     ids = tenant_ids(gen, m, num_t)
@@ -254,7 +198,7 @@ def test_multitenant_gpu_fma_rows(op):
                                             config=cfg)
         want = quant_matmul_multitenant(x, ids, planes, scale, bits=4, group=128,
                                         implementation="xla")
-    assert_close(got, want, dtype=BF16, what=f"gpu MT fma {op}")
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu MT fma {op}")
 
 
 @pytest.mark.parametrize("bits,m,zero,dtype", [(4, 1, False, BF16), (4, 16, True, BF16),
@@ -262,11 +206,12 @@ def test_multitenant_gpu_fma_rows(op):
                                                (2, 16, False, BF16)])
 def test_quant_matmul_gpu_split_dots(bits, m, zero, dtype):
     """NK tiles with one dot per word field (x columns permuted outside), compiled."""
-    gen = rng()
+    seed = seed_for("test_quant_matmul_gpu_split_dots", bits, m, zero, dtype)
+    gen = rng(seed)
     k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 768, bits=bits, group=128, zero=zero)
     x = activations(gen, m, k_pad, dtype)
-    cfg = qgpu.TritonConfig(unpack="split", dequant="affine")
+    cfg = qgpu.TritonConfig(unpack="split")
     _poison()
     got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
     want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"gpu split bits={bits} m={m}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} gpu split bits={bits} m={m}")

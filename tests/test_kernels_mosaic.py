@@ -13,9 +13,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from kernels_helpers import activations, assert_close, packed_operand, rng
+from kernels_helpers import (
+    activations,
+    assert_accepts_exactly,
+    assert_close,
+    packed_operand,
+    rng,
+    seed_for,
+)
 
 from pallas_kernels.quant_matmul import (
+    PREPARED_IMPLEMENTATIONS,
     MosaicConfig,
     mosaic_gpu,
     prepare,
@@ -29,7 +37,8 @@ BF16, F32, F16 = jnp.bfloat16, jnp.float32, jnp.float16
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("zero", [False, True])
 def test_prepared_layout_is_lossless(bits, zero):
-    gen = rng()
+    seed = seed_for("test_prepared_layout_is_lossless", bits, zero)
+    gen = rng(seed)
     k, n = 384, 192
     k_pad, planes, scale, z, _ = packed_operand(gen, k, n, bits=bits, group=128, zero=zero)
     x = activations(gen, 5, k_pad, F32)
@@ -37,15 +46,36 @@ def test_prepared_layout_is_lossless(bits, zero):
     assert w.codes.shape == (n, k_pad) and w.codes.dtype == (jnp.int4 if bits == 4 else jnp.int8)
     got = quant_matmul_prepared(x, w, implementation="xla")
     want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=F32, what=f"prepared bits={bits} zero={zero}")
+    assert_close(got, want, dtype=F32, what=f"seed={seed} prepared bits={bits} zero={zero}")
     # bf16 alpha/beta (the kernel's default) round the folded scales: bf16-level error only.
     wb = prepare(planes, scale, z, bits=bits, group=128)
     assert_close(quant_matmul_prepared(x.astype(BF16), wb, implementation="xla"), want,
-                 dtype=BF16, what="prepared bf16")
+                 dtype=BF16, what=f"seed={seed} prepared bf16")
+
+
+def test_prepared_implementations_table_is_what_the_dispatcher_accepts():
+    """quant_matmul_prepared accepts "auto" and PREPARED_IMPLEMENTATIONS' keys, nothing else
+    ("mosaic_gpu" is accepted but refused off Hopper, as not the hardware, not as unknown)."""
+    assert set(PREPARED_IMPLEMENTATIONS) == {"xla", "mosaic_gpu"}
+    assert PREPARED_IMPLEMENTATIONS["mosaic_gpu"] is mosaic_gpu.quant_matmul
+    assert PREPARED_IMPLEMENTATIONS["xla"] is mosaic_gpu.reference
+    seed = seed_for("test_prepared_implementations_table_is_what_the_dispatcher_accepts")
+    gen = rng(seed)
+    k_pad, planes, scale, _, _ = packed_operand(gen, 256, 128, bits=4, group=128)
+    w = prepare(planes, scale, None, bits=4, group=128)
+    x = activations(gen, 3, k_pad, BF16)
+    assert_accepts_exactly(
+        lambda impl: quant_matmul_prepared(x, w, implementation=impl),
+        PREPARED_IMPLEMENTATIONS, where="quant_matmul_prepared", dtype=BF16, seed=seed,
+    )
+    if not mosaic_gpu.on_hopper():
+        with pytest.raises(ValueError, match="needs a Hopper GPU"):
+            quant_matmul_prepared(x, w, implementation="mosaic_gpu")
 
 
 def test_prepared_bytes_count_every_array():
-    gen = rng()
+    seed = seed_for("test_prepared_bytes_count_every_array")
+    gen = rng(seed)
     _, planes, scale, _, _ = packed_operand(gen, 256, 128, bits=4, group=128)
     w = prepare(planes, scale, None, bits=4, group=128)
     assert w.nbytes == 256 * 128 // 2 + 2 * (2 * 128 * 2)  # codes + alpha + beta (bf16)
@@ -64,7 +94,8 @@ def test_prepared_bytes_count_every_array():
     ],
 )
 def test_kernel_lowers_for_cuda(m, bits, cfg):
-    gen = rng()
+    seed = seed_for("test_kernel_lowers_for_cuda", m, bits, cfg)
+    gen = rng(seed)
     k_pad, planes, scale, z, _ = packed_operand(gen, 512, 256, bits=bits, group=128)
     w = prepare(planes, scale, z, bits=bits, group=128)
     x = activations(gen, m, k_pad, BF16)
@@ -74,7 +105,8 @@ def test_kernel_lowers_for_cuda(m, bits, cfg):
 
 
 def test_guards_and_bad_input():
-    gen = rng()
+    seed = seed_for("test_guards_and_bad_input")
+    gen = rng(seed)
     _, planes, scale, _, _ = packed_operand(gen, 256, 128, bits=2, group=128)
     with pytest.raises(ValueError, match="4, 8"):
         prepare(planes, scale, None, bits=2, group=128)
@@ -119,7 +151,8 @@ hopper = pytest.mark.skipif(not mosaic_gpu.on_hopper(), reason="needs a Hopper G
 @pytest.mark.parametrize("m", [1, 3, 14, 16, 37, 64, 200])
 @pytest.mark.parametrize("zero", [False, True])
 def test_mosaic_gpu_matches_reference(bits, m, zero):
-    gen = rng()
+    seed = seed_for("test_mosaic_gpu_matches_reference", bits, m, zero)
+    gen = rng(seed)
     k_pad, planes, scale, z, _ = packed_operand(gen, 1024, 512, bits=bits, group=128, zero=zero)
     x = activations(gen, m, k_pad, BF16)
     w = prepare(planes, scale, z, bits=bits, group=128)
@@ -127,7 +160,7 @@ def test_mosaic_gpu_matches_reference(bits, m, zero):
     got = quant_matmul_prepared(x, w, implementation="mosaic_gpu")
     want = quant_matmul(x.astype(F32), planes, scale, z, bits=bits, group=128,
                         implementation="xla")
-    assert_close(got, want, dtype=BF16, what=f"mosaic bits={bits} m={m} zero={zero}")
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} mosaic bits={bits} m={m} zero={zero}")
 
 
 @pytest.mark.gpu
@@ -139,14 +172,15 @@ def test_mosaic_gpu_matches_reference(bits, m, zero):
 )
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_mosaic_gpu_configs(cfg, dtype):
-    gen = rng()
+    seed = seed_for("test_mosaic_gpu_configs", cfg, dtype)
+    gen = rng(seed)
     k_pad, planes, scale, _, _ = packed_operand(gen, 2048, 256, bits=4, group=128)
     x = activations(gen, 5, k_pad, dtype)
     w = prepare(planes, scale, None, bits=4, group=128, dtype=dtype)
     got = mosaic_gpu.quant_matmul(x, w, config=cfg)
     want = quant_matmul(x.astype(F32), planes, scale, None, bits=4, group=128,
                         implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"mosaic {cfg} {dtype}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} mosaic {cfg} {dtype}")
 
 
 @pytest.mark.gpu
@@ -165,13 +199,14 @@ def test_attached_rtn4_delta_served_by_mosaic_gpu():
                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                         head_dim=64)
     base = jax.tree.map(lambda a: a.astype(BF16), tiny_base(cfg))
-    ft = perturb(base, jax.random.PRNGKey(int(rng().integers(1 << 30))))
+    seed = seed_for("test_attached_rtn4_delta_served_by_mosaic_gpu")
+    ft = perturb(base, jax.random.PRNGKey(seed))
     comp = delta.compress(base, ft, RTN(bits=4, group=128), progress=False)
-    tok = jnp.asarray(rng().integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+    tok = jnp.asarray(rng(seed).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
     auto = delta.attach(base, comp)
     leaves = [w for w in jax.tree.leaves(auto, is_leaf=lambda v: isinstance(v, DeltaWeight))
               if isinstance(w, DeltaWeight)]
     assert leaves and all(type(w.delta.container).__name__ == "PreparedMatrix" for w in leaves)
     got = M.forward_jit(auto, tok, cfg)
     want = M.forward_jit(delta.attach(base, comp, prepare=False), tok, cfg)
-    assert_close(got, want, dtype=BF16, what="attached prepared vs stored")
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} attached prepared vs stored")

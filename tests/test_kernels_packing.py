@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernels_helpers import rng
+from kernels_helpers import rng, seed_for
 
 from pallas_kernels import _mosaic_tpu, packing
 
@@ -30,29 +30,34 @@ def np_dequant(q, scale, zero, bits, group):
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_pack_unpack_round_trip(bits):
-    gen = rng()
+    seed = seed_for("test_pack_unpack_round_trip", bits)
+    gen = rng(seed)
     q = gen.integers(0, 2**bits, (128, 24))
     planes = packing.pack_codes(jnp.asarray(q, jnp.uint32), bits)
     assert [p.shape for p in planes] == [(128 * pb // 32, 24) for pb in packing.plane_bits(bits)]
     assert all(p.dtype == jnp.uint32 for p in planes)
-    np.testing.assert_array_equal(np.asarray(packing.unpack_codes(planes, bits)), q)
+    np.testing.assert_array_equal(
+        np.asarray(packing.unpack_codes(planes, bits)), q, err_msg=f"seed={seed}"
+    )
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_single_plane_matches_numpy_packer(bits):
-    gen = rng()
+    seed = seed_for("test_single_plane_matches_numpy_packer", bits)
+    gen = rng(seed)
     q = gen.integers(0, 2**bits, (256, 8))
     (plane,) = packing.pack_codes(jnp.asarray(q, jnp.uint32), bits)
-    np.testing.assert_array_equal(np.asarray(plane), np_pack(q, bits))
+    np.testing.assert_array_equal(np.asarray(plane), np_pack(q, bits), err_msg=f"seed={seed}")
 
 
 def test_three_bit_planes_are_two_plus_one():
-    gen = rng()
+    seed = seed_for("test_three_bit_planes_are_two_plus_one")
+    gen = rng(seed)
     q = gen.integers(0, 8, (64, 16))
     assert packing.plane_bits(3) == (2, 1)
     lo, hi = packing.pack_codes(jnp.asarray(q, jnp.uint32), 3)
-    np.testing.assert_array_equal(np.asarray(lo), np_pack(q & 3, 2))
-    np.testing.assert_array_equal(np.asarray(hi), np_pack(q >> 2, 1))
+    np.testing.assert_array_equal(np.asarray(lo), np_pack(q & 3, 2), err_msg=f"seed={seed}")
+    np.testing.assert_array_equal(np.asarray(hi), np_pack(q >> 2, 1), err_msg=f"seed={seed}")
 
 
 def test_plane_bits_and_padding():
@@ -68,7 +73,8 @@ def test_plane_bits_and_padding():
 
 @pytest.mark.parametrize("bits,zero", [(1, False), (2, True), (3, False), (4, True), (8, False)])
 def test_dequantize_matches_numpy(bits, zero):
-    gen = rng()
+    seed = seed_for("test_dequantize_matches_numpy", bits, zero)
+    gen = rng(seed)
     k, n, g = 256, 12, 64
     q = gen.integers(0, 2**bits, (k, n))
     scale = gen.uniform(0.1, 1.0, (k // g, n)).astype(np.float32)
@@ -77,7 +83,9 @@ def test_dequantize_matches_numpy(bits, zero):
     got = packing.dequantize(
         planes, jnp.asarray(scale), None if z is None else jnp.asarray(z), bits=bits, group=g
     )
-    np.testing.assert_allclose(np.asarray(got), np_dequant(q, scale, z, bits, g), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(got), np_dequant(q, scale, z, bits, g), rtol=1e-6, err_msg=f"seed={seed}"
+    )
 
 
 def test_one_bit_symmetric_is_plus_minus_scale():
@@ -90,7 +98,8 @@ def test_one_bit_symmetric_is_plus_minus_scale():
 @pytest.mark.parametrize("bits", [1, 3, 4])
 def test_tpu_planar_repack(bits):
     """Planar layout: in each block of 128*vpw rows, word row r, field t holds k = t*128 + r."""
-    gen = rng()
+    seed = seed_for("test_tpu_planar_repack", bits)
+    gen = rng(seed)
     k, n, g = 256, 16, 128
     q = gen.integers(0, 2**bits, (k, n))
     scale = gen.uniform(0.1, 1.0, (k // g, n)).astype(np.float32)
@@ -110,8 +119,8 @@ def test_tpu_planar_repack(bits):
         for t in range(vpw):
             want |= blocks[:, t].astype(np.uint64) << np.uint64(t * pb)
         got = np.asarray(words).view(np.uint32).reshape(want.shape)
-        np.testing.assert_array_equal(got, want.astype(np.uint32))
+        np.testing.assert_array_equal(got, want.astype(np.uint32), err_msg=f"seed={seed}")
         shift += pb
     want_s = np.zeros((k_t // 128, n), np.float32)
     want_s[: k // 128] = np.repeat(scale, g // 128, axis=0)
-    np.testing.assert_array_equal(np.asarray(slab_scale), want_s)
+    np.testing.assert_array_equal(np.asarray(slab_scale), want_s, err_msg=f"seed={seed}")

@@ -1,8 +1,9 @@
 """quant_matmul kernels (Triton and Mosaic-TPU, interpret mode on CPU) against the reference.
 
-Every comparison uses fresh random inputs. Kernel outputs are poisoned: the Pallas interpreter
-fills output buffers with NaN before the kernel runs (checked by `test_interpreter_poisons_outputs`)
-and `assert_close` rejects any non-finite element, so an unwritten tile fails the test.
+Every comparison uses seeded random inputs (`kernels_helpers.seed_for`: one seed per case, named
+in the assert message). Kernel outputs are poisoned: the Pallas interpreter fills output buffers
+with NaN before the kernel runs (checked by `test_interpreter_poisons_outputs`) and
+`assert_close` rejects any non-finite element, so an unwritten tile fails the test.
 """
 
 from __future__ import annotations
@@ -15,10 +16,20 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
-from kernels_helpers import activations, assert_close, on_cpu, packed_operand, rng, tenant_ids
+from kernels_helpers import (
+    activations,
+    assert_accepts_exactly,
+    assert_close,
+    on_cpu,
+    packed_operand,
+    rng,
+    seed_for,
+    tenant_ids,
+)
 
 from pallas_kernels import _triton as tr
 from pallas_kernels.quant_matmul import (
+    IMPLEMENTATIONS,
     pallas_gpu,
     pallas_tpu,
     quant_matmul,
@@ -31,7 +42,8 @@ DECODE, PREFILL = 5, 136
 SHAPES = [(256, 128, 128), (576, 192, 128), (200, 96, 32)]
 
 
-def _run(impl, gen, *, bits, m, k, n, group, dtype, zero):
+def _run(impl, seed, *, bits, m, k, n, group, dtype, zero):
+    gen = rng(seed)
     k_pad, planes, scale, z, _ = packed_operand(gen, k, n, bits=bits, group=group, zero=zero)
     x = activations(gen, m, k, dtype)
     with on_cpu():
@@ -39,8 +51,9 @@ def _run(impl, gen, *, bits, m, k, n, group, dtype, zero):
             x, planes, scale, z, bits=bits, group=group, implementation=impl, interpret=True
         )
         want = quant_matmul(x, planes, scale, z, bits=bits, group=group, implementation="xla")
-    assert got.dtype == x.dtype and got.shape == (m, n)
-    assert_close(got, want, dtype=dtype, what=f"{impl} bits={bits} m={m} k={k} n={n} g={group}")
+    assert got.dtype == x.dtype and got.shape == (m, n), f"seed={seed}"
+    what = f"seed={seed} {impl} bits={bits} m={m} k={k} n={n} g={group}"
+    assert_close(got, want, dtype=dtype, what=what)
 
 
 GPU_CASES = [
@@ -56,13 +69,15 @@ GPU_CASES = [
 @pytest.mark.parametrize("bits,m,dtype,zero,shape", GPU_CASES)
 def test_gpu_kernel_interpret(bits, m, dtype, zero, shape):
     k, n, group = shape
-    _run("pallas_gpu", rng(), bits=bits, m=m, k=k, n=n, group=group, dtype=dtype, zero=zero)
+    seed = seed_for("test_gpu_kernel_interpret", bits, m, dtype, zero, shape)
+    _run("pallas_gpu", seed, bits=bits, m=m, k=k, n=n, group=group, dtype=dtype, zero=zero)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 256), (2, 640), (5, 128)])
 def test_gpu_kernel_other_groups(bits, group):
     """Groups larger than the K step (several steps per scale) and a 5-bit (4+1 planes) code."""
-    _run("pallas_gpu", rng(), bits=bits, m=16, k=576, n=64, group=group, dtype=BF16, zero=False)
+    seed = seed_for("test_gpu_kernel_other_groups", bits, group)
+    _run("pallas_gpu", seed, bits=bits, m=16, k=576, n=64, group=group, dtype=BF16, zero=False)
 
 
 TPU_CASES = [
@@ -76,7 +91,8 @@ TPU_CASES = [
 
 @pytest.mark.parametrize("bits,m,dtype,zero,k,n", TPU_CASES)
 def test_tpu_kernel_interpret(bits, m, dtype, zero, k, n):
-    _run("pallas_tpu", rng(), bits=bits, m=m, k=k, n=n, group=128, dtype=dtype, zero=zero)
+    seed = seed_for("test_tpu_kernel_interpret", bits, m, dtype, zero, k, n)
+    _run("pallas_tpu", seed, bits=bits, m=m, k=k, n=n, group=128, dtype=dtype, zero=zero)
 
 
 MT_CASES = [
@@ -90,7 +106,8 @@ MT_CASES = [
 
 @pytest.mark.parametrize("impl,bits,m,dtype,zero,with_base", MT_CASES)
 def test_multitenant_interpret(impl, bits, m, dtype, zero, with_base):
-    gen = rng()
+    seed = seed_for("test_multitenant_interpret", impl, bits, m, dtype, zero, with_base)
+    gen = rng(seed)
     num_t, k, n, group = 3, 256, 128, 128
     _, planes, scale, z, _ = packed_operand(
         gen, k, n, bits=bits, group=group, zero=zero, tenants=num_t
@@ -104,13 +121,14 @@ def test_multitenant_interpret(impl, bits, m, dtype, zero, with_base):
             x, tids, planes, scale, z, **kw, implementation=impl, interpret=True
         )
         want = quant_matmul_multitenant(x, tids, planes, scale, z, **kw, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"{impl} multitenant bits={bits} m={m}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} {impl} multitenant bits={bits} m={m}")
     if not with_base:  # rows without a delta are exactly zero
-        assert not np.asarray(got)[np.asarray(tids) < 0].any()
+        assert not np.asarray(got)[np.asarray(tids) < 0].any(), f"seed={seed}"
 
 
 def test_multitenant_all_rows_without_delta():
-    gen = rng()
+    seed = seed_for("test_multitenant_all_rows_without_delta")
+    gen = rng(seed)
     _, planes, scale, _, _ = packed_operand(gen, 128, 64, bits=4, group=128, tenants=2)
     x = activations(gen, 4, 128, F32)
     with on_cpu():
@@ -125,7 +143,7 @@ def test_multitenant_all_rows_without_delta():
             implementation="pallas_gpu",
             interpret=True,
         )
-    np.testing.assert_array_equal(np.asarray(got), 0.0)
+    np.testing.assert_array_equal(np.asarray(got), 0.0, err_msg=f"seed={seed}")
 
 
 def test_interpreter_poisons_outputs():
@@ -149,7 +167,8 @@ def test_interpreter_poisons_outputs():
 
 
 def _operands(n=128, group=128, k=256, bits=4):
-    gen = rng()
+    seed = seed_for("_operands", n, group, k, bits)
+    gen = rng(seed)
     _, planes, scale, _, _ = packed_operand(gen, k, n, bits=bits, group=group)
     return activations(gen, 3, k, BF16), planes, scale
 
@@ -215,8 +234,40 @@ def test_bad_operands_are_named():
         quant_matmul(x, planes, scale, bits=4, group=128, implementation="cuda")
 
 
+def test_implementations_table_is_what_the_dispatchers_accept():
+    """quant_matmul(_multitenant) accept "auto" and the keys of IMPLEMENTATIONS, nothing else."""
+    assert set(IMPLEMENTATIONS) == {"xla", "pallas_gpu", "pallas_tpu"}
+    for name, module in IMPLEMENTATIONS.items():
+        assert callable(module.quant_matmul) and callable(module.quant_matmul_multitenant), name
+    seed = seed_for("test_implementations_table_is_what_the_dispatchers_accept")
+    gen = rng(seed)
+    _, planes, scale, z, _ = packed_operand(gen, 256, 128, bits=3, group=128, zero=True)
+    x = activations(gen, 3, 256, F32)
+    _, t_planes, t_scale, _, _ = packed_operand(gen, 256, 128, bits=4, group=128, tenants=2)
+    tids = tenant_ids(gen, 5, 2)
+    xt = activations(gen, 5, 256, F32)
+    with on_cpu():
+        assert_accepts_exactly(
+            lambda impl: quant_matmul(
+                x, planes, scale, z, bits=3, group=128, implementation=impl, interpret=True
+            ),
+            IMPLEMENTATIONS, where="quant_matmul", dtype=F32, seed=seed,
+        )
+        assert_accepts_exactly(
+            lambda impl: quant_matmul_multitenant(
+                xt, tids, t_planes, t_scale, bits=4, group=128, implementation=impl,
+                interpret=True,
+            ),
+            IMPLEMENTATIONS, where="quant_matmul_multitenant", dtype=F32, seed=seed,
+        )
+    # The Mosaic GPU kernel is a key of PREPARED_IMPLEMENTATIONS only: the refusal points there.
+    with pytest.raises(ValueError, match="then quant_matmul_prepared"):
+        quant_matmul(x, planes, scale, z, bits=3, group=128, implementation="mosaic_gpu")
+
+
 def test_leading_dims_padding_and_outer_jit():
-    gen = rng()
+    seed = seed_for("test_leading_dims_padding_and_outer_jit")
+    gen = rng(seed)
     k_pad, planes, scale, _, _ = packed_operand(gen, 200, 64, bits=2, group=32)
     x = jnp.asarray(gen.standard_normal((2, 3, 200)), F32)
 
@@ -231,61 +282,7 @@ def test_leading_dims_padding_and_outer_jit():
         xp = jnp.pad(x.reshape(6, 200), ((0, 0), (0, k_pad - 200)))
         want = quant_matmul(xp, planes, scale, bits=2, group=32, implementation="xla")
     assert got.shape == (2, 3, 64)
-    assert_close(got.reshape(6, 64), want, dtype=F32)
-
-
-@pytest.mark.parametrize("bits,zero,dtype", [(1, False, BF16), (3, True, F32), (8, True, BF16)])
-def test_gpu_kernel_rowsum_dequant(bits, zero, dtype):
-    """The non-default Triton dequant strategy (code offset and zeros applied via row sums)."""
-    gen = rng()
-    k_pad, planes, scale, z, _ = packed_operand(gen, 576, 192, bits=bits, group=128, zero=zero)
-    x = activations(gen, 5, k_pad, dtype)
-    cfg = pallas_gpu.TritonConfig(dequant="rowsum")
-    with on_cpu():
-        got = pallas_gpu.quant_matmul(
-            x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
-        )
-        want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"rowsum bits={bits}")
-    with pytest.raises(ValueError, match="dequant must be"):
-        pallas_gpu.quant_matmul(
-            x,
-            planes,
-            scale,
-            z,
-            bits=bits,
-            group=128,
-            interpret=True,
-            config=pallas_gpu.TritonConfig(dequant="lut"),
-        )
-
-
-@pytest.mark.parametrize(
-    "layout,bits,zero,dtype",
-    [
-        (dict(swap_ab=True, unpack="join", dequant="magic"), 3, True, jnp.float16),
-        (dict(swap_ab=True, unpack="reshape", dequant="affine"), 4, False, BF16),
-        (dict(swap_ab=False, dequant="magic"), 1, False, BF16),
-        (dict(swap_ab=True, unpack="join", dequant="magic"), 8, False, BF16),  # magic -> affine
-    ],
-)
-def test_gpu_kernel_layout_variants(layout, bits, zero, dtype):
-    """The A/B'd Triton layouts (weight-as-M tiles, tt.join unpack, OR+bitcast dequant)."""
-    gen = rng()
-    k_pad, planes, scale, z, _ = packed_operand(gen, 256, 32, bits=bits, group=128, zero=zero)
-    x = activations(gen, 5, k_pad, dtype)
-    cfg = pallas_gpu.TritonConfig(split_k=2, **layout)
-    with on_cpu():
-        got = pallas_gpu.quant_matmul(
-            x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
-        )
-        want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"layout {layout} bits={bits}")
-    with pytest.raises(ValueError, match="unpack must be"):
-        pallas_gpu.quant_matmul(
-            x, planes, scale, z, bits=bits, group=128, interpret=True,
-            config=pallas_gpu.TritonConfig(swap_ab=True, unpack="gather"),
-        )
+    assert_close(got.reshape(6, 64), want, dtype=F32, what=f"seed={seed}")
 
 
 @pytest.mark.parametrize(
@@ -295,7 +292,8 @@ def test_gpu_kernel_layout_variants(layout, bits, zero, dtype):
 )
 def test_gpu_kernel_fma_tiles(bits, m, zero, dtype, block_m):
     """FMA tiles (no tensor-core dot) for small decode batches, incl. split-K and padded rows."""
-    gen = rng()
+    seed = seed_for("test_gpu_kernel_fma_tiles", bits, m, zero, dtype, block_m)
+    gen = rng(seed)
     k, n = 576, 192  # SmolLM2-like: K pads to 640, N is not a power of two
     k_pad, planes, scale, z, _ = packed_operand(gen, k, n, bits=bits, group=128, zero=zero)
     x = activations(gen, m, k_pad, dtype)
@@ -303,14 +301,14 @@ def test_gpu_kernel_fma_tiles(bits, m, zero, dtype, block_m):
     prog = pallas_gpu.plan_single(
         m, k_pad, n, tr.Packed(bits=bits, group=128, has_zero=zero), dtype, cfg
     )
-    assert prog.fma and not prog.swap_ab
+    assert prog.fma
     assert prog.block_m == (block_m or 1 << (m - 1).bit_length())
     with on_cpu():
         got = pallas_gpu.quant_matmul(
             x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
         )
         want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"fma bits={bits} m={m}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} fma bits={bits} m={m}")
 
 
 def test_fma_default_threshold(monkeypatch):
@@ -324,27 +322,20 @@ def test_fma_default_threshold(monkeypatch):
     assert not pallas_gpu.plan_single(1, 4096, 4096, pk, BF16, None).fma
     with pytest.raises(ValueError, match="power of two >= 16"):
         pallas_gpu.plan_single(1, 4096, 4096, pk, BF16, pallas_gpu.TritonConfig(block_m=4))
-    with pytest.raises(ValueError, match="no transposed form"):
-        gen = rng()
-        k_pad, planes, scale, z, _ = packed_operand(gen, 256, 32, bits=4, group=128)
-        with on_cpu():
-            pallas_gpu.quant_matmul(
-                activations(gen, 2, k_pad, BF16), planes, scale, z, bits=4, group=128,
-                interpret=True, config=pallas_gpu.TritonConfig(fma=True, swap_ab=True),
-            )
 
 
 @pytest.mark.parametrize("bits,zero,dtype,m", [(4, False, BF16, 3), (8, True, F32, 17),
                                                (4, True, BF16, 1), (2, False, BF16, 5)])
 def test_gpu_kernel_split_dots(bits, zero, dtype, m):
     """NK tiles with one dot per word field (strided x columns); 2-bit falls back to reshape."""
-    gen = rng()
+    seed = seed_for("test_gpu_kernel_split_dots", bits, zero, dtype, m)
+    gen = rng(seed)
     k_pad, planes, scale, z, _ = packed_operand(gen, 576, 192, bits=bits, group=128, zero=zero)
     x = activations(gen, m, k_pad, dtype)
-    cfg = pallas_gpu.TritonConfig(unpack="split", split_k=5, dequant="affine")
+    cfg = pallas_gpu.TritonConfig(unpack="split", split_k=5)
     with on_cpu():
         got = pallas_gpu.quant_matmul(
             x, planes, scale, z, bits=bits, group=128, config=cfg, interpret=True
         )
         want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"split bits={bits} m={m}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} split bits={bits} m={m}")

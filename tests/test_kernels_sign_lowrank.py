@@ -1,7 +1,7 @@
 """sign_matmul and lowrank_delta_matmul kernels (interpret mode on CPU) against the references.
 
-Fresh random inputs every run; outputs are NaN-poisoned by the interpreter (see
-test_kernels_quant.py) and `assert_close` rejects non-finite elements.
+Seeded random inputs (one seed per case, named in the assert message); outputs are NaN-poisoned
+by the interpreter (see test_kernels_quant.py) and `assert_close` rejects non-finite elements.
 """
 
 from __future__ import annotations
@@ -11,15 +11,19 @@ import numpy as np
 import pytest
 from kernels_helpers import (
     activations,
+    assert_accepts_exactly,
     assert_close,
     lowrank_bands,
     on_cpu,
     packed_operand,
     rng,
+    seed_for,
     tenant_ids,
 )
 
+from pallas_kernels import lowrank_delta_matmul as lowrank_op
 from pallas_kernels import packing
+from pallas_kernels import sign_matmul as sign_op
 from pallas_kernels.lowrank_delta_matmul import (
     LowRankBand,
     lowrank_delta_matmul,
@@ -46,29 +50,34 @@ GPU, TPU = "pallas_gpu", "pallas_tpu"
     ],
 )
 def test_sign_matmul(impl, m, k, n, dtype):
-    gen = rng()
+    seed = seed_for("test_sign_matmul", impl, m, k, n, dtype)
+    gen = rng(seed)
     _, (words,), _, _, _ = packed_operand(gen, k, n, bits=1, group=32)
     x = activations(gen, m, k, dtype)
     scale = jnp.float32(gen.uniform(0.01, 0.1))
     with on_cpu():
         got = sign_matmul(x, words, scale, implementation=impl, interpret=True)
         want = sign_matmul(x, words, scale, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"{impl} sign m={m}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} {impl} sign m={m}")
 
 
 def test_sign_reference_is_bitdelta():
     """scale * x @ sign matrix, with the sign matrix built by hand."""
-    gen = rng()
+    seed = seed_for("test_sign_reference_is_bitdelta")
+    gen = rng(seed)
     q = gen.integers(0, 2, (64, 8))
     (words,) = packing.pack_codes(jnp.asarray(q, jnp.uint32), 1)
     x = gen.standard_normal((3, 64)).astype(np.float32)
     got = sign_matmul(jnp.asarray(x), words, jnp.float32(0.25), implementation="xla")
-    np.testing.assert_allclose(np.asarray(got), 0.25 * x @ (2.0 * q - 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(got), 0.25 * x @ (2.0 * q - 1), rtol=1e-5, atol=1e-5, err_msg=f"seed={seed}"
+    )
 
 
 @pytest.mark.parametrize("impl,m,dtype", [(GPU, 11, BF16), (GPU, 136, F32), (TPU, 9, F32)])
 def test_sign_multitenant(impl, m, dtype):
-    gen = rng()
+    seed = seed_for("test_sign_multitenant", impl, m, dtype)
+    gen = rng(seed)
     num_t, k, n = 4, 256, 128
     _, (words,), _, _, _ = packed_operand(gen, k, n, bits=1, group=32, tenants=num_t)
     scales = jnp.asarray(gen.uniform(0.01, 0.1, num_t), F32)
@@ -80,13 +89,14 @@ def test_sign_multitenant(impl, m, dtype):
             x, tids, words, scales, y_base=y_base, implementation=impl, interpret=True
         )
         want = sign_matmul_multitenant(x, tids, words, scales, y_base=y_base, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"{impl} sign multitenant m={m}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} {impl} sign multitenant m={m}")
 
 
 def test_sign_guard():
     assert sign_gpu.can_use(k_pad=4096, n=576, dtype=BF16)
     assert not sign_gpu.can_use(k_pad=4096, n=40, dtype=BF16)
-    gen = rng()
+    seed = seed_for("test_sign_guard")
+    gen = rng(seed)
     _, (words,), _, _, _ = packed_operand(gen, 64, 40, bits=1, group=32)
     with pytest.raises(ValueError, match="pallas_gpu cannot run"):
         sign_matmul(
@@ -115,7 +125,8 @@ SPECS = [(8, 128, 8, 128, 2), (3, 128, 3, 128, 32), (2, 128, 2, 128, 72)]
     ],
 )
 def test_lowrank(impl, m, dtype, zero, with_base):
-    gen = rng()
+    seed = seed_for("test_lowrank", impl, m, dtype, zero, with_base)
+    gen = rng(seed)
     k, n = 256, 192
     bands = lowrank_bands(gen, k, n, SPECS, zero=zero)
     x = activations(gen, m, k, dtype)
@@ -123,22 +134,26 @@ def test_lowrank(impl, m, dtype, zero, with_base):
     with on_cpu():
         got = lowrank_delta_matmul(x, bands, base=base, implementation=impl, interpret=True)
         want = lowrank_delta_matmul(x, bands, base=base, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"{impl} lowrank m={m}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} {impl} lowrank m={m}")
 
 
 def test_lowrank_reference_matches_dense_svd_form():
     """Σ_b (x V_b S_b) U_b equals x @ (Σ_b V_b diag(S_b) U_b), the dense delta."""
-    gen = rng()
+    seed = seed_for("test_lowrank_reference_matches_dense_svd_form")
+    gen = rng(seed)
     bands = lowrank_bands(gen, 128, 64, [(4, 32, 4, 32, 8), (2, 32, 2, 32, 20)])
     x = activations(gen, 4, 128, F32)
     got = lowrank_delta_matmul(x, bands, implementation="xla")
     want = x @ lr_reference.dense_delta(bands)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4, err_msg=f"seed={seed}"
+    )
 
 
 @pytest.mark.parametrize("impl,m,dtype", [(GPU, 9, BF16), (GPU, 136, F32), (TPU, 9, F32)])
 def test_lowrank_multitenant(impl, m, dtype):
-    gen = rng()
+    seed = seed_for("test_lowrank_multitenant", impl, m, dtype)
+    gen = rng(seed)
     num_t, k, n = 3, 256, 128
     bands = lowrank_bands(gen, k, n, SPECS, tenants=num_t, zero=True)
     x = activations(gen, m, k, dtype)
@@ -149,11 +164,12 @@ def test_lowrank_multitenant(impl, m, dtype):
             x, tids, bands, y_base=y_base, implementation=impl, interpret=True
         )
         want = lowrank_delta_matmul_multitenant(x, tids, bands, y_base=y_base, implementation="xla")
-    assert_close(got, want, dtype=dtype, what=f"{impl} lowrank multitenant m={m}")
+    assert_close(got, want, dtype=dtype, what=f"seed={seed} {impl} lowrank multitenant m={m}")
 
 
 def test_lowrank_rejects_inconsistent_bands():
-    gen = rng()
+    seed = seed_for("test_lowrank_rejects_inconsistent_bands")
+    gen = rng(seed)
     (band,) = lowrank_bands(gen, 128, 64, [(4, 32, 4, 32, 8)])
     x = activations(gen, 2, 128, F32)
     bad = LowRankBand(
@@ -181,7 +197,8 @@ def test_stored_delta_multitenant_interpret():
     through the masked multi-tenant Triton kernels = the per-tenant dequantized reference."""
     from pallas_kernels.lowrank_delta_matmul import stored_gpu as sg
 
-    gen = rng()
+    seed = seed_for("test_stored_delta_multitenant_interpret")
+    gen = rng(seed)
     num_t, d_in, d_out = 2, 200, 128
     bands = []
     for bits, r, zero in [(4, 2, True), (3, 20, False)]:
@@ -199,6 +216,65 @@ def test_stored_delta_multitenant_interpret():
     with on_cpu():
         got = sg.stored_delta_multitenant(x, ids, tuple(bands), y_base=yb, interpret=True)
         want = sg.reference(x, ids, tuple(bands), y_base=yb)
-    assert_close(got, want, dtype=jnp.float32, what="stored delta")
-    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(yb[1]))  # id -1: base only
-    assert float(jnp.abs(got[0] - yb[0]).max()) > 1e-3
+    assert_close(got, want, dtype=jnp.float32, what=f"seed={seed} stored delta")
+    # id -1: base only
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(yb[1]), err_msg=f"seed={seed}")
+    assert float(jnp.abs(got[0] - yb[0]).max()) > 1e-3, f"seed={seed}"
+
+
+# ----------------------------------------------------------------------------- dispatchers
+
+
+def test_sign_implementations_table_is_what_the_dispatchers_accept():
+    """sign_matmul(_multitenant) accept "auto" and the keys of IMPLEMENTATIONS, nothing else."""
+    table = sign_op.IMPLEMENTATIONS
+    assert set(table) == {"xla", "pallas_gpu", "pallas_tpu"}
+    for name, module in table.items():
+        assert callable(module.sign_matmul) and callable(module.sign_matmul_multitenant), name
+    seed = seed_for("test_sign_implementations_table_is_what_the_dispatchers_accept")
+    gen = rng(seed)
+    _, (words,), _, _, _ = packed_operand(gen, 256, 128, bits=1, group=32)
+    _, (t_words,), _, _, _ = packed_operand(gen, 256, 128, bits=1, group=32, tenants=2)
+    x = activations(gen, 5, 256, F32)
+    tids = tenant_ids(gen, 5, 2)
+    scales = jnp.asarray(gen.uniform(0.01, 0.1, 2), F32)
+    with on_cpu():
+        assert_accepts_exactly(
+            lambda impl: sign_matmul(
+                x, words, jnp.float32(0.05), implementation=impl, interpret=True
+            ),
+            table, where="sign_matmul", dtype=F32, seed=seed,
+        )
+        assert_accepts_exactly(
+            lambda impl: sign_matmul_multitenant(
+                x, tids, t_words, scales, implementation=impl, interpret=True
+            ),
+            table, where="sign_matmul_multitenant", dtype=F32, seed=seed,
+        )
+
+
+def test_lowrank_implementations_table_is_what_the_dispatchers_accept():
+    """lowrank_delta_matmul(_multitenant) accept "auto" and IMPLEMENTATIONS' keys, nothing else."""
+    table = lowrank_op.IMPLEMENTATIONS
+    assert set(table) == {"xla", "pallas_gpu", "pallas_tpu"}
+    for name, module in table.items():
+        assert callable(module.lowrank_delta_matmul), name
+        assert callable(module.lowrank_delta_matmul_multitenant), name
+    seed = seed_for("test_lowrank_implementations_table_is_what_the_dispatchers_accept")
+    gen = rng(seed)
+    specs = [(4, 128, 4, 128, 8)]  # group 128: both Pallas guards accept it
+    bands = lowrank_bands(gen, 256, 128, specs)
+    t_bands = lowrank_bands(gen, 256, 128, specs, tenants=2)
+    x = activations(gen, 5, 256, F32)
+    tids = tenant_ids(gen, 5, 2)
+    with on_cpu():
+        assert_accepts_exactly(
+            lambda impl: lowrank_delta_matmul(x, bands, implementation=impl, interpret=True),
+            table, where="lowrank_delta_matmul", dtype=F32, seed=seed,
+        )
+        assert_accepts_exactly(
+            lambda impl: lowrank_delta_matmul_multitenant(
+                x, tids, t_bands, implementation=impl, interpret=True
+            ),
+            table, where="lowrank_delta_matmul_multitenant", dtype=F32, seed=seed,
+        )

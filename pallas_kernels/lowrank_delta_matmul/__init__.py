@@ -8,9 +8,11 @@ Each band (`LowRankBand`) has its own bit widths: `V_b` is a packed weight of lo
 
 On GPU all bands run in two launches (a shrink over every band, an expand over every band with the
 base matmul fused into it from 64 rows; below that XLA's GEMM computes the base, which measured
-faster on an H100). Implementations: "xla" (`reference.py`), "pallas_gpu"
-(Triton), "pallas_tpu" (Mosaic, interpret-verified only, 2 launches per band); "auto" picks the
-current backend's kernel when its guard accepts.
+faster on an H100). Implementations (`IMPLEMENTATIONS`, the names `implementation=` accepts
+besides "auto"): "xla" (`reference.py`), "pallas_gpu" (Triton), "pallas_tpu" (Mosaic,
+interpret-verified only, 2 launches per band); "auto" picks the current backend's kernel when its
+guard accepts. Delta-CoMe's stored layout (U packed along N) is served multi-tenant by
+`stored_gpu.stored_delta_multitenant`, a separate entry point with its own `reason` guard.
 """
 
 from __future__ import annotations
@@ -20,11 +22,25 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import check_dtype, pad_last, resolve_implementation
+from pallas_kernels._common import (
+    check_dtype,
+    check_implementation,
+    pad_last,
+    resolve_implementation,
+)
 from pallas_kernels.lowrank_delta_matmul import pallas_gpu, pallas_tpu, reference
 from pallas_kernels.lowrank_delta_matmul.band import LowRankBand, band_dims
 
-__all__ = ["LowRankBand", "lowrank_delta_matmul", "lowrank_delta_matmul_multitenant"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "LowRankBand",
+    "lowrank_delta_matmul",
+    "lowrank_delta_matmul_multitenant",
+]
+
+# implementation name -> module; each has lowrank_delta_matmul and
+# lowrank_delta_matmul_multitenant.
+IMPLEMENTATIONS = {"xla": reference, "pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
 
 _STATIC = ("implementation", "interpret")
 
@@ -46,6 +62,7 @@ def _impl(bands, k_pad, n, r_pads, dtype, base_k, implementation, interpret, whe
     geoms = [pallas_gpu.band_geom(b, r) for b, r in zip(bands, r_pads)]
     return resolve_implementation(
         implementation,
+        implementations=IMPLEMENTATIONS,
         gpu_reason=pallas_gpu.reason(
             k_pad=k_pad, n=n, bands_geom=geoms, dtype=dtype, base_k=base_k
         ),
@@ -71,13 +88,15 @@ def lowrank_delta_matmul(
       bands: tuple of `LowRankBand` (static bits/groups/rank ride in the pytree).
       base: optional dense `(N, K)` base weight (HF layout); on GPU fused into the expand launch
         from 64 rows, computed by XLA's GEMM below that.
-      implementation: "auto" | "xla" | "pallas_gpu" | "pallas_tpu" (static).
+      implementation: "auto" or a key of `IMPLEMENTATIONS` ("xla" | "pallas_gpu" |
+        "pallas_tpu") (static).
       interpret: run the Pallas kernels in interpret mode (static).
 
     Returns:
       (..., N) in x.dtype.
     """
     where = "lowrank_delta_matmul"
+    check_implementation(implementation, IMPLEMENTATIONS, where=where)
     bands = tuple(bands)
     check_dtype(x, where=where)
     k_pad, n, r_pads = _dims(bands, where=where, stacked=False)
@@ -89,12 +108,8 @@ def lowrank_delta_matmul(
         return jnp.zeros((*lead, n), x.dtype)
     base_k = None if base is None else base.shape[1]
     impl = _impl(bands, k_pad, n, r_pads, x.dtype, base_k, implementation, interpret, where)
-    if impl == "pallas_gpu":
-        y = pallas_gpu.lowrank_delta_matmul(x2, bands, base=base, interpret=interpret)
-    elif impl == "pallas_tpu":
-        y = pallas_tpu.lowrank_delta_matmul(x2, bands, base=base, interpret=interpret)
-    else:
-        y = reference.lowrank_delta_matmul(x2, bands, base=base)
+    kw = {} if impl == "xla" else {"interpret": interpret}
+    y = IMPLEMENTATIONS[impl].lowrank_delta_matmul(x2, bands, base=base, **kw)
     return y.reshape(*lead, n)
 
 
@@ -118,6 +133,7 @@ def lowrank_delta_matmul_multitenant(
       implementation, interpret: as in `lowrank_delta_matmul`.
     """
     where = "lowrank_delta_matmul_multitenant"
+    check_implementation(implementation, IMPLEMENTATIONS, where=where)
     bands = tuple(bands)
     check_dtype(x, where=where)
     k_pad, n, r_pads = _dims(bands, where=where, stacked=True)
@@ -130,14 +146,6 @@ def lowrank_delta_matmul_multitenant(
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), x.dtype if y_base is None else y_base.dtype)
     impl = _impl(bands, k_pad, n, r_pads, x.dtype, None, implementation, interpret, where)
-    if impl == "pallas_gpu":
-        y = pallas_gpu.lowrank_delta_matmul_multitenant(
-            x2, tids, bands, y_base=yb, interpret=interpret
-        )
-    elif impl == "pallas_tpu":
-        y = pallas_tpu.lowrank_delta_matmul_multitenant(
-            x2, tids, bands, y_base=yb, interpret=interpret
-        )
-    else:
-        y = reference.lowrank_delta_matmul_multitenant(x2, tids, bands, y_base=yb)
+    kw = {} if impl == "xla" else {"interpret": interpret}
+    y = IMPLEMENTATIONS[impl].lowrank_delta_matmul_multitenant(x2, tids, bands, y_base=yb, **kw)
     return y.reshape(*lead, n)

@@ -15,7 +15,7 @@ import dataclasses
 
 import jax
 
-from pallas_kernels._common import check_packed
+from pallas_kernels.packing import check_packed
 
 
 @jax.tree_util.register_dataclass

@@ -115,8 +115,6 @@ def plan(m, k_pad, n, geoms, dtype, config, *, row_programs=None, tenants=False,
         num_stages=cfg.num_stages or 3,
         out_dtype=jnp.dtype(dtype).name,
         tenants=tenants,
-        dequant=tr.dequant_mode(cfg),
-        swap_ab=bool(cfg.swap_ab),  # explicit only: the A/B timed quant_matmul tiles
         unpack=tr.unpack_mode(cfg),
     )
     # Expand: one column part over N, one K part per band (+ the dense base).
@@ -147,8 +145,6 @@ def plan(m, k_pad, n, geoms, dtype, config, *, row_programs=None, tenants=False,
         num_stages=cfg.num_stages or 3,
         out_dtype=jnp.dtype(dtype).name,
         tenants=tenants,
-        dequant=tr.dequant_mode(cfg),
-        swap_ab=bool(cfg.swap_ab),  # explicit only: the A/B timed quant_matmul tiles
         unpack=tr.unpack_mode(cfg),
     )
     return shrink, expand

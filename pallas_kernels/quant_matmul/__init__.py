@@ -4,16 +4,19 @@ The weight is in the `pallas_kernels.packing` format: codes packed along K (the 
 into uint32 planes `(K_pad*pb/32, N)`, scales (and optional integer-valued zeros) `(K_pad/G, N)`.
 Symmetric: `W = s (2q - (2^b - 1))`; asymmetric: `W = s (q - z)`.
 
-Implementations: "xla" (`reference.py`, the spec: dequantize + fp32 matmul), "pallas_gpu"
-(Triton lowering), "pallas_tpu" (Mosaic; interpret-verified only). "auto" picks the Pallas kernel
-of `jax.default_backend()` when its guard accepts the shapes, else the reference.
+Implementations of the stored format (`IMPLEMENTATIONS`, the names `quant_matmul` and
+`quant_matmul_multitenant` accept besides "auto"): "xla" (`reference.py`, the spec: dequantize +
+fp32 matmul), "pallas_gpu" (Triton lowering), "pallas_tpu" (Mosaic; interpret-verified only).
+"auto" picks the Pallas kernel of `jax.default_backend()` when its guard accepts the shapes, else
+the reference.
 
 Hopper serving layout: `prepare` turns a stored 4- or 8-bit, group-128 weight once into the
-layout of the Mosaic GPU (wgmma) kernel (`mosaic_gpu.py`), and `quant_matmul_prepared` runs it:
-"auto" takes that kernel on a compute-capability-9 GPU (1.3-1.9x faster than the Triton kernel
-on an H200, kernel-only, benchmarks/kernels.md) and the dequantize-and-matmul reference
-elsewhere. The stored format keeps the Triton kernel: converting per call would cost more than
-the kernel saves.
+layout of the Mosaic GPU (wgmma) kernel (`mosaic_gpu.py`), and `quant_matmul_prepared` runs it
+(its table, `PREPARED_IMPLEMENTATIONS`: "xla" = `mosaic_gpu.reference`, "mosaic_gpu" =
+`mosaic_gpu.quant_matmul`): "auto" takes that kernel on a compute-capability-9 GPU (1.3-1.9x
+faster than the Triton kernel on an H200, kernel-only, benchmarks/kernels.md) and the
+dequantize-and-matmul reference elsewhere. The stored format keeps the Triton kernel: converting
+per call would cost more than the kernel saves.
 
 Example:
     y = quant_matmul(x, planes, scale, None, bits=4, group=128)           # x (..., K) -> (..., N)
@@ -32,14 +35,17 @@ import jax.numpy as jnp
 from pallas_kernels._common import (
     FLOAT_DTYPES,
     check_dtype,
-    check_packed,
+    check_implementation,
     pad_last,
     resolve_implementation,
 )
+from pallas_kernels.packing import check_packed
 from pallas_kernels.quant_matmul import mosaic_gpu, pallas_gpu, pallas_tpu, reference
 from pallas_kernels.quant_matmul.mosaic_gpu import MosaicConfig, MosaicWeight
 
 __all__ = [
+    "IMPLEMENTATIONS",
+    "PREPARED_IMPLEMENTATIONS",
     "quant_matmul",
     "quant_matmul_multitenant",
     "quant_matmul_prepared",
@@ -48,7 +54,15 @@ __all__ = [
     "MosaicConfig",
     "MosaicWeight",
 ]
-PREPARED_IMPLEMENTATIONS = ("auto", "xla", "mosaic_gpu")
+# Stored format (quant_matmul, quant_matmul_multitenant): implementation name -> module; each has
+# quant_matmul and quant_matmul_multitenant.
+IMPLEMENTATIONS = {"xla": reference, "pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
+# Prepared (Hopper) layout (quant_matmul_prepared): implementation name -> function (x, w).
+PREPARED_IMPLEMENTATIONS = {"xla": mosaic_gpu.reference, "mosaic_gpu": mosaic_gpu.quant_matmul}
+
+# The Mosaic GPU kernel reads the prepared layout only; say so when the stored format asks for it.
+_HINTS = {"mosaic_gpu": "the Mosaic GPU kernel takes prepared weights: call prepare() once, "
+          "then quant_matmul_prepared"}
 
 _STATIC = ("bits", "group", "implementation", "interpret")
 
@@ -68,6 +82,7 @@ def choose_implementation(
     """What `quant_matmul` runs for these static properties ("xla"/"pallas_gpu"/"pallas_tpu")."""
     return resolve_implementation(
         implementation,
+        implementations=IMPLEMENTATIONS,
         gpu_reason=pallas_gpu.reason(
             k_pad=k_pad, n=n, bits=bits, group=group, dtype=dtype, has_zero=has_zero
         ),
@@ -98,12 +113,14 @@ def quant_matmul(
       zero: None (symmetric codes) or `(K_pad/group, N)` integer-valued zeros (asymmetric).
       bits: code width 1..8 (static).
       group: group size along K (static).
-      implementation: "auto" | "xla" | "pallas_gpu" | "pallas_tpu" (static).
+      implementation: "auto" or a key of `IMPLEMENTATIONS` ("xla" | "pallas_gpu" |
+        "pallas_tpu") (static).
       interpret: run a Pallas kernel in interpret mode (CPU testing) (static).
 
     Returns:
       (..., N) in x.dtype, accumulated in fp32.
     """
+    check_implementation(implementation, IMPLEMENTATIONS, where="quant_matmul", hints=_HINTS)
     planes = tuple(planes)
     check_dtype(x, where="quant_matmul")
     k_pad, n = check_packed(planes, scale, zero, bits=bits, group=group, where="quant_matmul")
@@ -121,16 +138,8 @@ def quant_matmul(
         implementation=implementation,
         interpret=interpret,
     )
-    if impl == "pallas_gpu":
-        y = pallas_gpu.quant_matmul(
-            x2, planes, scale, zero, bits=bits, group=group, interpret=interpret
-        )
-    elif impl == "pallas_tpu":
-        y = pallas_tpu.quant_matmul(
-            x2, planes, scale, zero, bits=bits, group=group, interpret=interpret
-        )
-    else:
-        y = reference.quant_matmul(x2, planes, scale, zero, bits=bits, group=group)
+    kw = {} if impl == "xla" else {"interpret": interpret}
+    y = IMPLEMENTATIONS[impl].quant_matmul(x2, planes, scale, zero, bits=bits, group=group, **kw)
     return y.reshape(*lead, n)
 
 
@@ -161,6 +170,9 @@ def quant_matmul_multitenant(
     Returns:
       (..., N): the delta part (plus y_base when given).
     """
+    check_implementation(
+        implementation, IMPLEMENTATIONS, where="quant_matmul_multitenant", hints=_HINTS
+    )
     planes = tuple(planes)
     check_dtype(x, where="quant_matmul_multitenant")
     k_pad, n = check_packed(
@@ -188,16 +200,9 @@ def quant_matmul_multitenant(
         where="quant_matmul_multitenant",
     )
     kw = dict(bits=bits, group=group, y_base=yb)
-    if impl == "pallas_gpu":
-        y = pallas_gpu.quant_matmul_multitenant(
-            x2, tids, planes, scale, zero, **kw, interpret=interpret
-        )
-    elif impl == "pallas_tpu":
-        y = pallas_tpu.quant_matmul_multitenant(
-            x2, tids, planes, scale, zero, **kw, interpret=interpret
-        )
-    else:
-        y = reference.quant_matmul_multitenant(x2, tids, planes, scale, zero, **kw)
+    if impl != "xla":
+        kw["interpret"] = interpret
+    y = IMPLEMENTATIONS[impl].quant_matmul_multitenant(x2, tids, planes, scale, zero, **kw)
     return y.reshape(*lead, n)
 
 
@@ -224,11 +229,7 @@ def prepare(planes, scale, zero=None, *, bits: int, group: int, dtype=jnp.bfloat
 
 def choose_prepared(w: MosaicWeight, *, m: int, dtype, implementation: str) -> str:
     """What `quant_matmul_prepared` runs ("xla" or "mosaic_gpu") for these static properties."""
-    if implementation not in PREPARED_IMPLEMENTATIONS:
-        raise ValueError(
-            f"quant_matmul_prepared: implementation must be one of {PREPARED_IMPLEMENTATIONS}, "
-            f"got {implementation!r}"
-        )
+    check_implementation(implementation, PREPARED_IMPLEMENTATIONS, where="quant_matmul_prepared")
     n, k_pad = w.codes.shape
     why = mosaic_gpu.reason(k_pad=k_pad, n=n, bits=w.bits, group=w.group, dtype=dtype, m=m)
     if implementation == "auto":
@@ -254,12 +255,14 @@ def quant_matmul_prepared(
     Args:
       x: activations (..., K) or (..., K_pad), bf16/fp16 for the kernel (fp32 takes "xla").
       w: the prepared weight.
-      implementation: "auto" | "xla" | "mosaic_gpu" (static).
+      implementation: "auto" or a key of `PREPARED_IMPLEMENTATIONS` ("xla" | "mosaic_gpu")
+        (static).
       config: optional `MosaicConfig` tile overrides (static).
 
     Returns:
       (..., N) in x.dtype, accumulated in fp32.
     """
+    check_implementation(implementation, PREPARED_IMPLEMENTATIONS, where="quant_matmul_prepared")
     check_dtype(x, where="quant_matmul_prepared")
     n, k_pad = w.codes.shape
     lead = x.shape[:-1]
@@ -267,10 +270,6 @@ def quant_matmul_prepared(
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), x.dtype)
     impl = choose_prepared(w, m=x2.shape[0], dtype=x.dtype, implementation=implementation)
-    if impl == "mosaic_gpu":
-        y = mosaic_gpu.quant_matmul(x2, w, config=config)
-    else:
-        wd = mosaic_gpu.dequantize(w, jnp.float32)
-        y = jnp.einsum("mk,nk->mn", x2.astype(jnp.float32), wd,
-                       precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+    kw = {"config": config} if impl == "mosaic_gpu" else {}
+    y = PREPARED_IMPLEMENTATIONS[impl](x2, w, **kw)
     return y.reshape(*lead, n)

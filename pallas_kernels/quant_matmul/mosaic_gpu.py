@@ -40,10 +40,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import packing
-from pallas_kernels._common import cdiv, sm_count
-from pallas_kernels._triton import split_for
+from pallas_kernels._common import cdiv, sm_count, split_for
 
-__all__ = ["MosaicConfig", "MosaicWeight", "prepare", "reason", "quant_matmul"]
+__all__ = ["MosaicConfig", "MosaicWeight", "prepare", "reason", "quant_matmul", "reference"]
 
 BITS = (4, 8)
 GROUP = 128  # the group size the kernel takes: one (alpha, beta) pair of vectors per 128 K
@@ -277,6 +276,13 @@ def dequantize(w: MosaicWeight, dtype=jnp.float32) -> jax.Array:
     b = jnp.repeat(w.beta.astype(jnp.float32), w.group, axis=-2)
     v = w.codes.astype(jnp.float32)
     return (v * jnp.swapaxes(a, -1, -2) + jnp.swapaxes(b, -1, -2)).astype(dtype)
+
+
+def reference(x: jax.Array, w: MosaicWeight) -> jax.Array:
+    """The spec of the prepared layout: `x (M, K_pad) @ dequantize(w)ᵀ` in fp32, cast to x.dtype."""
+    wd = dequantize(w, jnp.float32)
+    return jnp.einsum("mk,nk->mn", x.astype(jnp.float32), wd,
+                      precision=lax.Precision.HIGHEST).astype(x.dtype)
 
 
 def on_hopper() -> bool:

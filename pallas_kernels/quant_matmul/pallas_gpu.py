@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _triton as tr
-from pallas_kernels._common import FLOAT_DTYPES, cdiv, is_pow2, sm_count, tenant_work_items
-from pallas_kernels._triton import TritonConfig
+from pallas_kernels._common import FLOAT_DTYPES, tenant_work_items
+from pallas_kernels._triton import TritonConfig, plan_single
 
 __all__ = ["TritonConfig", "can_use", "reason", "quant_matmul", "quant_matmul_multitenant"]
 
@@ -38,77 +38,6 @@ def reason(
 def can_use(*, k_pad: int, n: int, bits: int, group: int, dtype, has_zero: bool = False) -> bool:
     """True when the Triton kernel supports this shape, code width, group and dtype."""
     return reason(k_pad=k_pad, n=n, bits=bits, group=group, dtype=dtype, has_zero=has_zero) is None
-
-
-def _check_config(cfg: TritonConfig, fma: bool = False) -> None:
-    for name in ("block_m", "block_n", "block_k"):
-        v = getattr(cfg, name)
-        low = 1 if fma and name in ("block_m", "block_k") else 16
-        if v is not None and (not is_pow2(v) or v < low):
-            raise ValueError(f"TritonConfig.{name} must be a power of two >= {low}, got {v}")
-
-
-def plan_single(
-    m: int,
-    k: int,
-    n: int,
-    packed: tr.Packed,
-    dtype,
-    config: TritonConfig | None,
-    *,
-    row_programs: int | None = None,
-    tenants: bool = False,
-    block_k_cap: int = tr.MAX_BLOCK_K,
-) -> tr.Program:
-    """Program for one packed operand (quant_matmul / sign_matmul, single or multi-tenant)."""
-    cfg = config or TritonConfig()
-    # Multi-tenant programs take FMA tiles only when asked (TritonConfig(fma=True, block_m=...)).
-    fma = tr.use_fma(cfg, m) if not tenants else bool(cfg.fma)
-    _check_config(cfg, fma)
-    if fma and cfg.swap_ab:
-        raise ValueError("FMA tiles have no transposed form (swap_ab)")
-    if fma:
-        bm = cfg.block_m or tr.fma_block_m(m)
-        bn = cfg.block_n or tr.pow2_divisor(n, tr.FMA_BLOCK_N)
-    else:
-        bm = cfg.block_m or tr.block_m_for(m)
-        bn = cfg.block_n or tr.block_n_heuristic(n, bm)
-    if cfg.block_k:
-        bk = tr.packed_block_k(k, packed, cfg.block_k)
-    elif fma:
-        cap = max(tr.min_block_k(packed.bits), tr.FMA_TILE_ELEMS // (bm * bn))
-        bk = tr.packed_block_k(k, packed, min(block_k_cap, cap))
-    else:
-        bk = tr.packed_block_k(k, packed, block_k_cap, block_n=bn)
-    if n % bn:
-        raise ValueError(f"block_n={bn} does not divide N={n}")
-    swap = False if fma else tr.swap_ab(cfg, bm)
-    unpack = tr.unpack_mode(cfg)
-    if (cfg.unpack is None and not swap and not fma and m <= tr.SPLIT_MAX_ROWS
-            and packed.bits in tr.SPLIT_BITS):
-        unpack = "split"  # one dot per word field (H200 A/B, see _triton.SPLIT_MAX_ROWS)
-    rows = row_programs if row_programs is not None else cdiv(m, bm)
-    nb = k // bk
-    split = cfg.split_k or tr.split_for((n // bn) * rows, nb, sm_count(), waves=tr.PACKED_WAVES)
-    if nb % split:
-        raise ValueError(f"split_k={split} does not divide the {nb} K steps")
-    kpart = tr.KPart(x_index=0, x_offset=0, k=k, block_k=bk, packed=packed)
-    return tr.Program(
-        colparts=(tr.ColPart(n=n, out_offset=0, block_n=bn, kparts=(kpart,)),),
-        num_x=1,
-        m=m,
-        block_m=bm,
-        row_programs=rows,
-        split_k=split,
-        num_warps=cfg.num_warps or (tr.FMA_NUM_WARPS if fma else 4),
-        num_stages=cfg.num_stages or 3,
-        out_dtype=jnp.dtype(dtype).name,
-        tenants=tenants,
-        dequant=tr.dequant_mode(cfg),
-        swap_ab=swap,
-        unpack=unpack,
-        fma=fma,
-    )
 
 
 def quant_matmul(

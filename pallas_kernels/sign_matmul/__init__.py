@@ -4,8 +4,9 @@ API: the signs are one `packing.py` 1-bit plane, uint32 words `(K_pad/32, N)` (K
 of 32), and `scale` is a scalar (shape () or (1,)). The multi-tenant form stacks T sign matrices
 `(T, K_pad/32, N)` with scales `(T,)`.
 
-Implementations: "xla" (`reference.py`), "pallas_gpu" (Triton), "pallas_tpu" (Mosaic,
-interpret-verified only); "auto" picks the current backend's kernel when its guard accepts.
+Implementations (`IMPLEMENTATIONS`, the names `implementation=` accepts besides "auto"): "xla"
+(`reference.py`), "pallas_gpu" (Triton), "pallas_tpu" (Mosaic, interpret-verified only); "auto"
+picks the current backend's kernel when its guard accepts.
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import check_dtype, pad_last, resolve_implementation
+from pallas_kernels._common import (
+    check_dtype,
+    check_implementation,
+    pad_last,
+    resolve_implementation,
+)
 from pallas_kernels.sign_matmul import pallas_gpu, pallas_tpu, reference
 
-__all__ = ["sign_matmul", "sign_matmul_multitenant"]
+__all__ = ["IMPLEMENTATIONS", "sign_matmul", "sign_matmul_multitenant"]
+
+# implementation name -> module; each has sign_matmul and sign_matmul_multitenant.
+IMPLEMENTATIONS = {"xla": reference, "pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
 
 _STATIC = ("implementation", "interpret")
 
@@ -38,6 +47,7 @@ def _check(words, scale, *, where: str, stacked: bool) -> tuple[int, int]:
 def _impl(k_pad, n, dtype, implementation, interpret, where):
     return resolve_implementation(
         implementation,
+        implementations=IMPLEMENTATIONS,
         gpu_reason=pallas_gpu.reason(k_pad=k_pad, n=n, dtype=dtype),
         tpu_reason=pallas_tpu.reason(n=n, dtype=dtype),
         interpret=interpret,
@@ -60,12 +70,14 @@ def sign_matmul(
       x: (..., K) or (..., K_pad) activations (bf16/fp16/fp32); zero-padded to K_pad.
       words: (K_pad/32, N) uint32 sign bits (bit set = +1).
       scale: scalar scale.
-      implementation: "auto" | "xla" | "pallas_gpu" | "pallas_tpu" (static).
+      implementation: "auto" or a key of `IMPLEMENTATIONS` ("xla" | "pallas_gpu" |
+        "pallas_tpu") (static).
       interpret: run the Pallas kernel in interpret mode (static).
 
     Returns:
       (..., N) in x.dtype.
     """
+    check_implementation(implementation, IMPLEMENTATIONS, where="sign_matmul")
     check_dtype(x, where="sign_matmul")
     k_pad, n = _check(words, scale, where="sign_matmul", stacked=False)
     lead = x.shape[:-1]
@@ -73,12 +85,8 @@ def sign_matmul(
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), x.dtype)
     impl = _impl(k_pad, n, x.dtype, implementation, interpret, "sign_matmul")
-    if impl == "pallas_gpu":
-        y = pallas_gpu.sign_matmul(x2, words, scale, interpret=interpret)
-    elif impl == "pallas_tpu":
-        y = pallas_tpu.sign_matmul(x2, words, scale, interpret=interpret)
-    else:
-        y = reference.sign_matmul(x2, words, scale)
+    kw = {} if impl == "xla" else {"interpret": interpret}
+    y = IMPLEMENTATIONS[impl].sign_matmul(x2, words, scale, **kw)
     return y.reshape(*lead, n)
 
 
@@ -104,6 +112,7 @@ def sign_matmul_multitenant(
       implementation, interpret: as in `sign_matmul`.
     """
     where = "sign_matmul_multitenant"
+    check_implementation(implementation, IMPLEMENTATIONS, where=where)
     check_dtype(x, where=where)
     k_pad, n = _check(words, scales, where=where, stacked=True)
     lead = x.shape[:-1]
@@ -115,14 +124,6 @@ def sign_matmul_multitenant(
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), x.dtype if y_base is None else y_base.dtype)
     impl = _impl(k_pad, n, x.dtype, implementation, interpret, where)
-    if impl == "pallas_gpu":
-        y = pallas_gpu.sign_matmul_multitenant(
-            x2, tids, words, scales, y_base=yb, interpret=interpret
-        )
-    elif impl == "pallas_tpu":
-        y = pallas_tpu.sign_matmul_multitenant(
-            x2, tids, words, scales, y_base=yb, interpret=interpret
-        )
-    else:
-        y = reference.sign_matmul_multitenant(x2, tids, words, scales, y_base=yb)
+    kw = {} if impl == "xla" else {"interpret": interpret}
+    y = IMPLEMENTATIONS[impl].sign_matmul_multitenant(x2, tids, words, scales, y_base=yb, **kw)
     return y.reshape(*lead, n)

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _triton as tr
 from pallas_kernels._common import FLOAT_DTYPES, tenant_work_items
-from pallas_kernels._triton import TritonConfig
-from pallas_kernels.quant_matmul.pallas_gpu import plan_single
+from pallas_kernels._triton import TritonConfig, plan_single
 
 __all__ = ["TritonConfig", "can_use", "reason", "sign_matmul", "sign_matmul_multitenant"]
 
