@@ -1,0 +1,420 @@
+r"""Decode-step speed as a fraction of the memory floor, next to a plain PyTorch CUDA-graph step.
+
+  python benchmarks/bench_decode.py --shape=7b --out=benchmarks/decode.md       # on a GPU
+  python benchmarks/bench_decode.py --shape=tiny --rows=base:1:16               # CPU smoke
+
+The step timed is the one `deltajax.serve.generate` decodes with (`generate._decode_loop`: a
+`lax.while_loop` of `generate._step`, i.e. `model.forward` over the KV cache + sampling), run
+for --steps steps in one call; ms/step = wall time / steps (host work included: one call per
+--steps tokens, as generate does).
+
+Floor = bytes one step must read / the device-to-device copy bandwidth measured in the same run
+(the faster of a jax copy and a torch copy, counting bytes read + written). Bytes per step: every
+bf16 weight the step multiplies by (embedding row gathers are negligible; the lm_head / tied
+table counts whole), the active tenants' exact container bytes, and the valid KV cache (mean over
+the timed steps). % of floor = floor time / measured time.
+
+Peer: a plain PyTorch decode step (HF-style Llama layer: separate q/k/v/o/gate/up/down matmuls,
+RoPE, a static KV cache with SDPA, greedy argmax), captured in one CUDA graph and replayed — what
+a user would write instead (about 70 lines, `torch_step` below). Same shapes, same batch and KV.
+
+Rows (--rows, comma separated): `base:B:KV` (the base alone), `T:METHOD:B:KV` (T tenants of
+METHOD in a batch of B, row i -> tenant i % T; METHOD one of bitdelta, deltacome (α = 1/16),
+rtn4, lowrank, deltadq (1/64)). Deltas hold random codes of exactly the structure `compress`
+produces (`jax.eval_shape`): decode speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from deltajax import model as M
+from deltajax.methods import make_method
+from deltajax.serve import generate as G
+from deltajax.serve.multitenant import MultiTenantWeight
+from deltajax.tree import is_projection, map_with_names
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("shape", "7b", ["7b", "1b", "tiny"], "Model shape (random bf16 weights).")
+flags.DEFINE_list("rows", ["base:1:128", "base:16:128", "base:64:128", "base:16:2048"],
+                  "Rows: base:B:KV or T:METHOD:B:KV (see the module docstring).")
+flags.DEFINE_integer("steps", 32, "Decode steps per timed call.")
+flags.DEFINE_integer("repeats", 3, "Timed calls per row (median).")
+flags.DEFINE_bool("torch_peer", True, "Also time the plain PyTorch CUDA-graph step (GPU only).")
+flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of the first row here and "
+                    "print the top device ops.")
+flags.DEFINE_string("out", None, "Markdown table to write (default: print only).")
+flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
+
+SHAPES = {
+    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, head_dim=128),
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+               num_attention_heads=16, num_key_value_heads=16, head_dim=128),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, head_dim=16),
+}
+METHODS = {"bitdelta": ("bitdelta", {}), "deltacome": ("deltacome", {"ratio": 1 / 16}),
+           "rtn4": ("rtn", {"bits": 4}), "lowrank": ("lowrank", {"ratio": 1 / 16}),
+           "deltadq": ("deltadq", {"ratio": 1 / 64})}
+
+
+# ------------------------------------------------------------------------------- measurements
+
+
+def copy_bandwidth() -> dict:
+    """Device-to-device copy bandwidth (bytes read + written per second), jax and torch."""
+    out = {}
+    n = (1 << 30) if jax.default_backend() == "gpu" else (1 << 24)
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    jax.block_until_ready(f(x))
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        ts.append(time.perf_counter() - t0)
+    out["jax"] = 2 * 4 * n / float(np.median(ts))
+    del x
+    if jax.default_backend() == "gpu":
+        try:
+            import torch
+
+            a = torch.empty(n, dtype=torch.float32, device="cuda")
+            b = torch.empty_like(a)
+            for _ in range(3):
+                b.copy_(a)
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(20):
+                b.copy_(a)
+            e1.record()
+            torch.cuda.synchronize()
+            out["torch"] = 2 * 4 * n * 20 / (e0.elapsed_time(e1) / 1e3)
+            del a, b
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - the jax figure stands alone
+            print(f"[bench_decode] torch copy not measured: {e}", file=sys.stderr)
+    return out
+
+
+def _random_like(key, abstract, lead):
+    leaves, treedef = jax.tree.flatten(abstract)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    out = []
+    for k, a in zip(keys, leaves):
+        shape = tuple(lead) + tuple(a.shape)
+        if jnp.issubdtype(a.dtype, jnp.unsignedinteger):
+            out.append(jax.random.bits(k, shape, a.dtype))
+        elif jnp.issubdtype(a.dtype, jnp.integer):
+            out.append(jnp.broadcast_to(jnp.arange(a.shape[-1], dtype=a.dtype) % 2, shape))
+        else:
+            out.append((jax.random.normal(k, shape, jnp.float32) * 1e-3).astype(a.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def build_params(cfg, key):
+    return jax.jit(M.init_params, static_argnames=("cfg", "dtype", "scale"))(
+        cfg, key, dtype=jnp.bfloat16, scale=0.02)
+
+
+def with_tenants(base, method_key: str, t: int, batch: int, key) -> tuple[dict, int]:
+    """Base params with every projection a `MultiTenantWeight` of T random deltas; their bytes."""
+    name, kw = METHODS[method_key]
+    m = make_method(name, **kw)
+    ids = jnp.arange(batch, dtype=jnp.int32) % t
+    total = [0]
+    cache = {}
+
+    def f(n, w):
+        if not is_projection(n):
+            return w
+        shp = tuple(w.shape)
+        if shp not in cache:
+            cache[shp] = jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)),
+                                        jax.ShapeDtypeStruct(shp, jnp.float32))
+        stacked = _random_like(jax.random.fold_in(key, hash(n) & 0xFFFF), cache[shp], (t,))
+        total[0] += _nbytes(stacked)
+        return MultiTenantWeight(base=w, deltas=stacked, tenant_ids=ids, method=m, num_tenants=t)
+
+    return map_with_names(f, base), total[0]
+
+
+def decode_state(cfg, batch: int, kv: int, steps: int, key) -> G.DecodeState:
+    """A generate decode state with `kv` valid cache slots (random K/V) and room for `steps`."""
+    s = kv + steps + 1
+    shape = (batch, s, cfg.num_key_value_heads, cfg.head_dim)
+    ks = jax.random.split(key, 2 * cfg.num_hidden_layers)
+    mk = jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * 0.5).astype(jnp.bfloat16))
+    cache = M.KVCache(k=tuple(mk(ks[2 * i]) for i in range(cfg.num_hidden_layers)),
+                      v=tuple(mk(ks[2 * i + 1]) for i in range(cfg.num_hidden_layers)),
+                      valid=jnp.zeros((batch, s), bool).at[:, :kv].set(True),
+                      length=jnp.asarray(kv, jnp.int32))
+    return G.DecodeState(
+        cache=cache, last=jnp.ones((batch,), jnp.int32),
+        out=jnp.zeros((batch, steps + 1), jnp.int32), done=jnp.zeros((batch,), bool),
+        lengths=jnp.ones((batch,), jnp.int32), step=jnp.ones((), jnp.int32),
+        key=jax.random.PRNGKey(0), stop_ids=jnp.full((8,), -1, jnp.int32),
+        pad_id=jnp.zeros((), jnp.int32))
+
+
+@functools.cache
+def _loop(cfg):
+    return jax.jit(functools.partial(G._decode_loop, cfg=cfg, sampling=G.Sampling()))
+
+
+def time_jax(params, cfg, batch, kv, steps, repeats, key) -> dict:
+    loop = _loop(cfg)
+    state = decode_state(cfg, batch, kv, steps, key)
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(loop(params, state))
+    compile_s = time.perf_counter() - t0
+    assert int(out.step) == steps + 1, f"decode ran {int(out.step)} steps, expected {steps + 1}"
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(params, state))
+        ts.append(time.perf_counter() - t0)
+    return {"ms": 1e3 * float(np.median(ts)) / steps, "compile_s": compile_s}
+
+
+def weight_bytes(params, cfg) -> int:
+    """bf16 bytes of every weight a decode step reads (embedding rows excluded unless tied)."""
+    total = 0
+    for n, w in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(n)
+        if "embed_tokens" in name and not cfg.tie_word_embeddings:
+            continue
+        total += int(np.prod(w.shape)) * jnp.dtype(w.dtype).itemsize
+    return total
+
+
+def kv_bytes(cfg, batch, kv, steps) -> float:
+    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    return batch * per_slot * (kv + steps / 2)
+
+
+# ------------------------------------------------------------------------------- torch peer
+
+
+def torch_step_ms(cfg, batch, kv, steps) -> float | None:
+    """Plain PyTorch bf16 Llama decode step in one CUDA graph (the peer), ms per step."""
+    import torch
+    import torch.nn.functional as F
+
+    dev, dt = "cuda", torch.bfloat16
+    h, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    nh, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def w(*s):
+        return torch.randn(*s, device=dev, dtype=dt, generator=g) * 0.02
+
+    layers = [dict(q=w(nh * hd, h), k=w(kh * hd, h), v=w(kh * hd, h), o=w(h, nh * hd),
+                   gate=w(f, h), up=w(f, h), down=w(h, f), n1=torch.ones(h, device=dev, dtype=dt),
+                   n2=torch.ones(h, device=dev, dtype=dt)) for _ in range(L)]
+    emb, head, nf = w(cfg.vocab_size, h), w(cfg.vocab_size, h), torch.ones(h, device=dev, dtype=dt)
+    s = kv + steps + 1
+    kc = [torch.randn(batch, kh, s, hd, device=dev, dtype=dt) for _ in range(L)]
+    vc = [torch.randn(batch, kh, s, hd, device=dev, dtype=dt) for _ in range(L)]
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=dev).float() / hd))
+    tok = torch.ones(batch, dtype=torch.long, device=dev)
+    pos = torch.full((1,), kv, dtype=torch.long, device=dev)
+    slots = torch.arange(s, device=dev)
+
+    def rms(x, wt):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)).to(dt) * wt
+
+    def rope(x, cos, sin):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return (x * cos + torch.cat([-x2, x1], -1) * sin).to(dt)
+
+    def step():
+        x = emb[tok][:, None, :]  # (b, 1, h)
+        ang = pos.float()[:, None] * inv[None]
+        emb_a = torch.cat([ang, ang], -1)
+        cos, sin = emb_a.cos().to(dt), emb_a.sin().to(dt)
+        mask = (slots <= pos)[None, None, None, :]
+        for i, p in enumerate(layers):
+            y = rms(x, p["n1"])
+            q = (y @ p["q"].T).view(batch, 1, nh, hd).transpose(1, 2)
+            k = (y @ p["k"].T).view(batch, 1, kh, hd).transpose(1, 2)
+            v = (y @ p["v"].T).view(batch, 1, kh, hd).transpose(1, 2)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            kc[i].index_copy_(2, pos, k)
+            vc[i].index_copy_(2, pos, v)
+            a = F.scaled_dot_product_attention(q, kc[i], vc[i], attn_mask=mask,
+                                               enable_gqa=kh != nh)
+            x = x + a.transpose(1, 2).reshape(batch, 1, nh * hd) @ p["o"].T
+            y = rms(x, p["n2"])
+            x = x + (F.silu(y @ p["gate"].T) * (y @ p["up"].T)) @ p["down"].T
+        logits = rms(x, nf) @ head.T
+        tok.copy_(logits[:, -1].float().argmax(-1))
+        pos.add_(1)
+
+    with torch.no_grad():
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(st)
+        graph = torch.cuda.CUDAGraph()
+        pos.fill_(kv)
+        with torch.cuda.graph(graph):
+            step()
+        ts = []
+        for _ in range(FLAGS.repeats):
+            pos.fill_(kv)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                graph.replay()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts)) / steps
+
+
+# ------------------------------------------------------------------------------------ profile
+
+
+def profile_top(params, cfg, batch, kv, steps, key, out_dir, top=25) -> list[str]:
+    """Trace one timed call; return lines: top device ops by total time, and the busy fraction."""
+    import glob
+    import gzip
+
+    loop = _loop(cfg)
+    state = decode_state(cfg, batch, kv, steps, key)
+    jax.block_until_ready(loop(params, state))
+    jax.profiler.start_trace(out_dir)
+    t0 = time.perf_counter()
+    jax.block_until_ready(loop(params, state))
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    files = sorted(glob.glob(os.path.join(out_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not files:
+        return ["(no trace file written)"]
+    ev = json.load(gzip.open(files[-1]))
+    events = ev["traceEvents"] if isinstance(ev, dict) else ev
+    pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dev = [e for e in events if e.get("ph") == "X" and "/device:GPU" in pids.get(e.get("pid"), "")
+           and "dur" in e]
+    by: dict[str, list[float]] = {}
+    for e in dev:
+        by.setdefault(e["name"], []).append(e["dur"])
+    # kernels on stream rows only (skip the per-op summary rows XLA also writes)
+    busy = sum(sum(v) for v in by.values())
+    lines = [f"traced wall {1e3 * wall:.2f} ms for {steps} steps; device events {len(dev)}, "
+             f"sum of event time {busy / 1e3:.2f} ms (rows may double count: XLA writes op and "
+             "kernel rows)"]
+    for name, ds in sorted(by.items(), key=lambda kv_: -sum(kv_[1]))[:top]:
+        lines.append(f"{sum(ds) / 1e3 / steps:8.3f} ms/step  {len(ds) / steps:6.1f}/step  "
+                     f"{name[:110]}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def parse_row(r: str):
+    parts = r.split(":")
+    if parts[0] == "base" and len(parts) == 3:
+        return None, 0, int(parts[1]), int(parts[2])
+    if len(parts) == 4 and parts[1] in METHODS:
+        return parts[1], int(parts[0]), int(parts[2]), int(parts[3])
+    raise app.UsageError(f"--rows: bad row {r!r} (base:B:KV or T:METHOD:B:KV, METHOD in "
+                         f"{sorted(METHODS)})")
+
+
+def main(argv):
+    del argv
+    rows = [parse_row(r) for r in FLAGS.rows]
+    cfg = M.ModelConfig(**SHAPES[FLAGS.shape])
+    dev = jax.devices()[0]
+    device = f"{dev.platform}: {getattr(dev, 'device_kind', dev)}"
+    key = jax.random.PRNGKey(0)
+    bw = copy_bandwidth()
+    floor_bw = max(bw.values())
+    print(f"[bench_decode] {device}; copy bandwidth " + ", ".join(
+        f"{k} {v / 1e9:.0f} GB/s" for k, v in bw.items()), flush=True)
+    base = build_params(cfg, key)
+    wbytes = weight_bytes(base, cfg)
+    results = []
+    for i, (meth, t, b, kv) in enumerate(rows):
+        params, dbytes = (base, 0) if meth is None else with_tenants(base, meth, t, b, key)
+        if FLAGS.profile_dir and i == 0:
+            for line in profile_top(params, cfg, b, kv, FLAGS.steps, key, FLAGS.profile_dir):
+                print("[profile] " + line, flush=True)
+        r = time_jax(params, cfg, b, kv, FLAGS.steps, FLAGS.repeats, key)
+        byts = wbytes + dbytes + kv_bytes(cfg, b, kv, FLAGS.steps)
+        floor_ms = 1e3 * byts / floor_bw
+        row = {"row": "base alone" if meth is None else f"{t} × {meth}", "batch": b, "kv": kv,
+               "ms": r["ms"], "tok_s": b / (r["ms"] / 1e3), "bytes": byts,
+               "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / r["ms"],
+               "compile_s": r["compile_s"]}
+        if FLAGS.torch_peer and jax.default_backend() == "gpu" and meth is None:
+            try:
+                row["torch_ms"] = torch_step_ms(cfg, b, kv, FLAGS.steps)
+                import torch
+
+                torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - report, do not hide
+                print(f"[bench_decode] torch peer failed: {type(e).__name__}: {e}",
+                      file=sys.stderr)
+        results.append(row)
+        print("[bench_decode] " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                                              for k, v in row.items()}), flush=True)
+        del params
+    lines = [
+        "# Decode step vs the memory floor",
+        "",
+        f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Device: {device}. "
+        f"Command: `{' '.join(sys.argv)}`.",
+        "",
+        f"Model: {FLAGS.shape} shapes ({cfg.num_hidden_layers} layers, hidden "
+        f"{cfg.hidden_size}, MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}), bf16. "
+        f"Copy bandwidth measured in this run: " + ", ".join(
+            f"{k} {v / 1e9:.0f} GB/s" for k, v in bw.items())
+        + f"; floor = bytes / {floor_bw / 1e9:.0f} GB/s. The step: `serve.generate`'s decode "
+        f"loop, {FLAGS.steps} steps per call.",
+        "",
+        "| row | batch | KV | ms/step | tokens/s | bytes/step | floor ms | % of floor "
+        "| PyTorch CUDA graph ms | ours / PyTorch speed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        tm = r.get("torch_ms")
+        lines.append(
+            f"| {r['row']} | {r['batch']} | {r['kv']} | {r['ms']:.3f} | {r['tok_s']:.0f} | "
+            f"{r['bytes'] / 1e9:.2f} GB | {r['floor_ms']:.3f} | {r['pct_floor']:.0f} % | "
+            + (f"{tm:.3f} ({100 * r['floor_ms'] / tm:.0f} % of floor) | {tm / r['ms']:.2f}× |"
+               if tm else "– | – |"))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as fh:
+            fh.write(text)
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as fh:
+            json.dump({"device": device, "copy_bw": bw, "rows": results}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
