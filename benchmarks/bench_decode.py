@@ -39,6 +39,7 @@ import numpy as np
 from absl import app, flags
 
 from deltajax import model as M
+from deltajax import ops
 from deltajax.methods import make_method
 from deltajax.serve import generate as G
 from deltajax.serve.multitenant import MultiTenantWeight
@@ -53,6 +54,7 @@ flags.DEFINE_integer("repeats", 3, "Timed calls per row (median).")
 flags.DEFINE_bool("torch_peer", True, "Also time the plain PyTorch CUDA-graph step (GPU only).")
 flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of the first row here and "
                     "print the top device ops.")
+flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "Decode attention (ops.DECODE_ATTENTION).")
 flags.DEFINE_string("out", None, "Markdown table to write (default: print only).")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 
@@ -346,6 +348,7 @@ def parse_row(r: str):
 def main(argv):
     del argv
     rows = [parse_row(r) for r in FLAGS.rows]
+    ops.DECODE_ATTENTION = FLAGS.attention
     cfg = M.ModelConfig(**SHAPES[FLAGS.shape])
     dev = jax.devices()[0]
     device = f"{dev.platform}: {getattr(dev, 'device_kind', dev)}"
@@ -393,7 +396,8 @@ def main(argv):
         f"Copy bandwidth measured in this run: " + ", ".join(
             f"{k} {v / 1e9:.0f} GB/s" for k, v in bw.items())
         + f"; floor = bytes / {floor_bw / 1e9:.0f} GB/s. The step: `serve.generate`'s decode "
-        f"loop, {FLAGS.steps} steps per call.",
+        f"loop, {FLAGS.steps} steps per call; attention {FLAGS.attention}; XLA_FLAGS="
+        f"`{os.environ.get('XLA_FLAGS', '')}`.",
         "",
         "| row | batch | KV | ms/step | tokens/s | bytes/step | floor ms | % of floor "
         "| PyTorch CUDA graph ms | ours / PyTorch speed |",

@@ -112,6 +112,12 @@ def apply_rope(
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
+# Decode attention on a GPU: "xla" (the reference below, default) or "cudnn" (one cuDNN fused
+# kernel through `jax.nn.dot_product_attention` for single-token queries in bf16/fp16; rows with
+# no valid key return zeros either way). Set per process (bench_decode.py --attention).
+DECODE_ATTENTION = "xla"
+
+
 def attention(
     q: Float[Array, "b t h d"],
     k: Float[Array, "b s kh d"],
@@ -122,6 +128,14 @@ def attention(
 
     Softmax is computed in fp32. Rows with no allowed key (fully padded queries) return zeros.
     """
+    if (DECODE_ATTENTION == "cudnn" and q.shape[1] == 1 and jax.default_backend() == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16)):
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+        return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], o, 0).astype(q.dtype)
+    return _attention_xla(q, k, v, mask)
+
+
+def _attention_xla(q, k, v, mask):
     b, t, h, d = q.shape
     kh = k.shape[2]
     g = h // kh
