@@ -24,9 +24,11 @@ argv before absl parses it and applied, typed, by `deltajax.config.apply_overrid
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from absl import app, flags
 
@@ -34,6 +36,8 @@ from deltajax import config as C
 
 # flags defined here (the run-config flag) belong to the script that calls define_run_config
 flags.disclaim_key_flags()
+
+_REPO = Path(__file__).resolve().parents[1]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, app.UsageError)
 
@@ -50,7 +54,9 @@ class _RunConfigFlag:
         self._loaded = False
 
     def load(self) -> C.RunConfig:
-        path = flags.FLAGS[self.name].value
+        path = Path(flags.FLAGS[self.name].value).expanduser()
+        if not path.is_absolute() and not path.exists() and (_REPO / path).exists():
+            path = _REPO / path  # the default configs/x.py from outside the repository root
         cfg = C.load_config(path, flag=self.name)
         self._value = C.apply_overrides(cfg, self.overrides, flag=self.name)
         self._loaded = True
@@ -107,6 +113,28 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, list[tupl
         found[hit].append((key, text))
         i += 1
     return rest, found
+
+
+class UserError(ValueError):
+    """A user mistake re-raised with the flag it came from (`about`)."""
+
+
+@contextlib.contextmanager
+def about(flag: str):
+    """Prefix user errors raised inside with ``--flag: `` (e.g. a model that does not load)::
+
+        with cli.about("base"):
+            base, cfg, tok, _ = load_model(FLAGS.base)
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except USER_ERRORS as e:
+        msg = str(e)
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        raise UserError(msg if msg.startswith(f"--{flag}") else f"--{flag}: {msg}") from e
 
 
 def no_extra_args(argv: Sequence[str]) -> None:
@@ -175,5 +203,5 @@ def run(main: Callable[[list[str]], None], *,
     app.run(wrapped, flags_parser=_parse_flags)
 
 
-__all__ = ["USER_ERRORS", "define_run_config", "fail", "no_extra_args", "run",
-           "split_overrides"]
+__all__ = ["USER_ERRORS", "UserError", "about", "define_run_config", "fail", "no_extra_args",
+           "run", "split_overrides"]
