@@ -17,7 +17,8 @@ the method, typed by the dataclass annotations (``int``, ``float``, ``bool``, ``
 its defaults (later ``method.*`` overrides apply to it). Unknown fields and values that do not
 parse raise `ConfigError` naming the key and the fields that exist.
 
-Leaf module: imports only `deltajax.methods` (and the standard library).
+A leaf module (standard library only at import time): `deltajax.methods` is imported inside the
+functions that build or check methods, so any module may import this one.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deltajax.methods import REGISTRY, Method, method_from_config
+if TYPE_CHECKING:
+    from deltajax.methods import Method
 
 
 class ConfigError(ValueError):
@@ -64,6 +66,8 @@ class RunConfig:
     true_sequential: bool = True
 
     def __post_init__(self):
+        from deltajax.methods import Method
+
         if not isinstance(self.method, Method):
             raise ConfigError(f"RunConfig.method must be a deltajax.methods dataclass (e.g. "
                               f"RTN(bits=4)), got {type(self.method).__name__}")
@@ -93,6 +97,8 @@ def from_dict(d: Mapping, *, where: str = "config") -> RunConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown config field(s) {unknown} (fields of RunConfig: "
                           f"{', '.join(RUN_FIELDS)})")
+    from deltajax.methods import Method, method_from_config
+
     m = d.pop("method")
     if not isinstance(m, Method):
         m = method_from_config(dict(m))
@@ -139,7 +145,9 @@ def load_base(name: str, here: str | Path):
 
 
 def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    from deltajax.methods import Method
+
+    hints = typing.get_type_hints(cls, localns={"Method": Method})
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
@@ -228,6 +236,8 @@ def apply_overrides(cfg: RunConfig, overrides: Sequence[tuple[str, str]], *,
                     flag: str = "config") -> RunConfig:
     """`cfg` with ``(key, text)`` overrides applied in order (key: ``seed``, ``method.rank``,
     ``method``). Raises `ConfigError` naming the key for unknown fields and bad values."""
+    from deltajax.methods import REGISTRY
+
     run_types = _field_types(RunConfig)
     for key, text in overrides:
         parts = key.split(".")
