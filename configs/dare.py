@@ -1,15 +1,10 @@
 """DARE: drop 90 % of each projection delta at random (mask from a seed), rescale the rest."""
 
-import ml_collections
+from deltajax.config import RunConfig
+from deltajax.methods import DARE
 
 
-def get_config():
-    c = ml_collections.ConfigDict()
-    c.method = ml_collections.ConfigDict({"name": "dare", "p": 0.9})
-    c.keep_other = True  # embeddings, lm_head, norms, biases keep a bf16 delta (False: dropped)
-    c.seed = 0
-    c.distill_steps = 0
-    c.calib_data = ""  # default: GSM8K train split
-    c.calib_windows = 64
-    c.calib_seq_len = 128
-    return c
+def get_config() -> RunConfig:
+    # keep_other: embeddings, lm_head, norms, biases keep a bf16 delta (False: dropped)
+    return RunConfig(method=DARE(p=0.9), keep_other=True, seed=0, calib_windows=64,
+                     calib_seq_len=128)

@@ -7,22 +7,20 @@ data-free (round-to-nearest factors) variant. Variants: deltacome_8.py, deltacom
 --config.method.ratio=... .
 """
 
-import ml_collections
+from deltajax.config import RunConfig
+from deltajax.methods import DeltaCoMe
 
 
-def get_config():
-    c = ml_collections.ConfigDict()
-    c.method = ml_collections.ConfigDict({
-        "name": "deltacome", "ratio": 1 / 16, "bands": ((8, 2), (3, 32)), "fill_bits": 2,
-        "budget": "true", "group": 128, "sym": False, "act_order": True, "static_groups": True,
-        "percdamp": 0.01, "scale_dtype": "bfloat16", "s_dtype": "bfloat16",
-    })
-    c.keep_other = True  # embeddings, lm_head, norms keep a bf16 delta (False: dropped)
-    c.seed = 0
-    c.distill_steps = 0
-    c.calib_data = ""  # default: GSM8K train split (the held-out problems are never used)
-    c.calib_windows = 64  # the paper uses 128 windows of 2048 tokens of C4
-    c.calib_seq_len = 256
-    c.calib_batch_size = 8  # windows per forward: bounds activation memory
-    c.true_sequential = True
-    return c
+def get_config() -> RunConfig:
+    return RunConfig(
+        method=DeltaCoMe(ratio=1 / 16, bands=((8, 2), (3, 32)), fill_bits=2, budget="true",
+                         group=128, sym=False, act_order=True, static_groups=True,
+                         percdamp=0.01, scale_dtype="bfloat16", s_dtype="bfloat16"),
+        keep_other=True,  # embeddings, lm_head, norms keep a bf16 delta (False: dropped)
+        seed=0,
+        calib_data=None,  # default: GSM8K train split (the held-out problems are never used)
+        calib_windows=64,  # the paper uses 128 windows of 2048 tokens of C4
+        calib_seq_len=256,
+        calib_batch_size=8,  # windows per forward: bounds activation memory
+        true_sequential=True,
+    )

@@ -8,21 +8,19 @@ calib_windows=0 selects the data-free search (Frobenius error). Variants: deltad
 deltadq_32.py, deltadq_64.py, deltadq_128.py, or --config.method.ratio=... / .bits=... .
 """
 
-import ml_collections
+from deltajax.config import RunConfig
+from deltajax.methods import DeltaDQ
 
 
-def get_config():
-    c = ml_collections.ConfigDict()
-    c.method = ml_collections.ConfigDict({
-        "name": "deltadq", "ratio": 1 / 16, "bits": 2, "qgroup": 64, "sym": False, "group": 0,
-        "min_group": 4, "max_group": 1024, "scale_dtype": "bfloat16",
-    })
-    c.keep_other = True  # embeddings, lm_head, norms keep a bf16 delta (False: dropped)
-    c.seed = 0  # the mask seeds are folded from this and each leaf's name
-    c.distill_steps = 0
-    c.calib_data = ""  # default: GSM8K train split (the held-out problems are never used)
-    c.calib_windows = 16
-    c.calib_seq_len = 256
-    c.calib_batch_size = 8
-    c.true_sequential = True
-    return c
+def get_config() -> RunConfig:
+    return RunConfig(
+        method=DeltaDQ(ratio=1 / 16, bits=2, qgroup=64, sym=False, group=0, min_group=4,
+                       max_group=1024, scale_dtype="bfloat16"),
+        keep_other=True,  # embeddings, lm_head, norms keep a bf16 delta (False: dropped)
+        seed=0,  # the mask seeds are folded from this and each leaf's name
+        calib_data=None,  # default: GSM8K train split (the held-out problems are never used)
+        calib_windows=16,
+        calib_seq_len=256,
+        calib_batch_size=8,
+        true_sequential=True,
+    )

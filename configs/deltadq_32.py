@@ -1,15 +1,12 @@
 """DeltaDQ at 1/32 of a 16-bit delta (otherwise as configs/deltadq_16.py)."""
 
-import importlib.util
-import pathlib
+import dataclasses
 
-_spec = importlib.util.spec_from_file_location(
-    "deltadq_16", pathlib.Path(__file__).with_name("deltadq_16.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from deltajax.config import RunConfig, load_base
+
+_base = load_base("deltadq_16", __file__)
 
 
-def get_config():
+def get_config() -> RunConfig:
     c = _base.get_config()
-    c.method.ratio = 1 / 32
-    return c
+    return dataclasses.replace(c, method=dataclasses.replace(c.method, ratio=1 / 32))

@@ -4,16 +4,12 @@ As configs/deltacome_16.py, but 16 windows × 256 tokens of the GSM8K train spli
 calibrate-and-compress pass takes a couple of minutes on a 2-core CPU.
 """
 
-import importlib.util
-import pathlib
+import dataclasses
 
-_spec = importlib.util.spec_from_file_location(
-    "deltacome_16", pathlib.Path(__file__).with_name("deltacome_16.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from deltajax.config import RunConfig, load_base
+
+_base = load_base("deltacome_16", __file__)
 
 
-def get_config():
-    c = _base.get_config()
-    c.calib_windows = 16
-    return c
+def get_config() -> RunConfig:
+    return dataclasses.replace(_base.get_config(), calib_windows=16)

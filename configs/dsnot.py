@@ -10,23 +10,21 @@ calib_windows=0: data-free (magnitude mask, no refinement). Variants:
 --config.method.stop_rule=expected_sq, --config.method.value_bits=4.
 """
 
-import ml_collections
+from deltajax.config import RunConfig
+from deltajax.methods import DSnoT
 
 
-def get_config():
-    c = ml_collections.ConfigDict()
-    c.method = ml_collections.ConfigDict({
-        "name": "dsnot", "sparsity": 0.9, "init": "wanda", "refine": True, "max_cycles": 50,
-        "threshold": 0.1, "threshold_seq_len": 2048.0, "pow_of_var": 1.0,
-        "stop_rule": "threshold", "rescale": False, "dtype": "bfloat16", "value_bits": 0,
-        "value_group": 128, "refine_mlp": True,
-    })
-    c.keep_other = True  # embeddings, lm_head, norms keep a bf16 delta (False: dropped)
-    c.seed = 0
-    c.distill_steps = 0
-    c.calib_data = ""  # default: GSM8K train split (the held-out problems are never used)
-    c.calib_windows = 32
-    c.calib_seq_len = 256
-    c.calib_batch_size = 8
-    c.true_sequential = True
-    return c
+def get_config() -> RunConfig:
+    return RunConfig(
+        method=DSnoT(sparsity=0.9, init="wanda", refine=True, max_cycles=50, threshold=0.1,
+                     threshold_seq_len=2048.0, pow_of_var=1.0, stop_rule="threshold",
+                     rescale=False, dtype="bfloat16", value_bits=0, value_group=128,
+                     refine_mlp=True),
+        keep_other=True,  # embeddings, lm_head, norms keep a bf16 delta (False: dropped)
+        seed=0,
+        calib_data=None,  # default: GSM8K train split (the held-out problems are never used)
+        calib_windows=32,
+        calib_seq_len=256,
+        calib_batch_size=8,
+        true_sequential=True,
+    )

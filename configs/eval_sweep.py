@@ -3,10 +3,11 @@ methods that can store that little at 1/64 and 1/128 (DeltaDQ, Delta-CoMe, LowRa
 FeatLowRank, DARE; BitDelta and RTN/GPTQ stop at 1 bit, DSnoT's stored mask at 1/32).
 
 `get_config()` returns a list of (label, method dict, options) rows for `scripts/eval.py
---sweep=configs/eval_sweep.py` (and `scripts/bench_quality.py`). Options: `target` (the nominal
+--sweep=configs/eval_sweep.py` (and `benchmarks/bench_quality.py`). Options: `target` (the nominal
 ratio the row aims at, shown in the table; the TRUE linear and whole ratios come from
 `accounting`), `calib_windows` (0: a calibrated method's data-free mode; default: the script's
---calib_windows) and any other `pipeline.compress_loaded` option. Rows whose method is not
+--calib_windows) and any other `deltajax.config.RunConfig` field (a row becomes one through
+`config.from_dict`; an unknown key skips the row with the error). Rows whose method is not
 registered in `deltajax.methods.REGISTRY` are skipped with a notice.
 
 How each method reaches a ratio (16-bit delta = 16 bits per linear parameter):

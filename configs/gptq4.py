@@ -1,18 +1,17 @@
 """GPTQ-quantized delta: 4-bit asymmetric, group 128, act-order (static groups), calibrated."""
 
-import ml_collections
+from deltajax.config import RunConfig
+from deltajax.methods import GPTQ
 
 
-def get_config():
-    c = ml_collections.ConfigDict()
-    c.method = ml_collections.ConfigDict(
-        {"name": "gptq", "bits": 4, "group": 128, "act_order": True})
-    c.keep_other = True  # embeddings, lm_head, norms, biases keep a bf16 delta (False: dropped)
-    c.seed = 0
-    c.distill_steps = 0
-    c.calib_data = ""  # default: GSM8K train split
-    c.calib_windows = 64
-    c.calib_seq_len = 256
-    c.calib_batch_size = 8
-    c.true_sequential = True
-    return c
+def get_config() -> RunConfig:
+    return RunConfig(
+        method=GPTQ(bits=4, group=128, act_order=True),
+        keep_other=True,  # embeddings, lm_head, norms, biases keep a bf16 delta (False: dropped)
+        seed=0,
+        calib_data=None,  # default: GSM8K train split
+        calib_windows=64,
+        calib_seq_len=256,
+        calib_batch_size=8,
+        true_sequential=True,
+    )

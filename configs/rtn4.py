@@ -1,15 +1,10 @@
 """RTN: 4-bit asymmetric group-wise (g=128) round-to-nearest of the projection deltas."""
 
-import ml_collections
+from deltajax.config import RunConfig
+from deltajax.methods import RTN
 
 
-def get_config():
-    c = ml_collections.ConfigDict()
-    c.method = ml_collections.ConfigDict({"name": "rtn", "bits": 4, "group": 128, "sym": False})
-    c.keep_other = True  # embeddings, lm_head, norms, biases keep a bf16 delta (False: dropped)
-    c.seed = 0
-    c.distill_steps = 0
-    c.calib_data = ""  # default: GSM8K train split
-    c.calib_windows = 64
-    c.calib_seq_len = 128
-    return c
+def get_config() -> RunConfig:
+    # keep_other: embeddings, lm_head, norms, biases keep a bf16 delta (False: dropped)
+    return RunConfig(method=RTN(bits=4, group=128, sym=False), keep_other=True, seed=0,
+                     calib_windows=64, calib_seq_len=128)

@@ -29,8 +29,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deltajax import accounting, data
+from deltajax.config import RunConfig, as_run_config
 from deltajax.containers import DeltaLeaf, DeltaWeight, compress_leaf
-from deltajax.methods import Method, default_rules, method_from_config
+from deltajax.methods import Method, default_rules
 from deltajax.parallel import sharded
 from deltajax.serve import multitenant
 from deltajax.steps import calibrate
@@ -96,10 +97,6 @@ def extract(base, finetuned, *, base_cfg=None, ft_cfg=None, allow_nonfinite: boo
 # ------------------------------------------------------------------------------------ compress
 
 
-def _as_dict(c) -> dict:
-    return c.to_dict() if hasattr(c, "to_dict") else dict(c)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Plan:
     rules: tuple
@@ -115,29 +112,24 @@ class _Plan:
 
 
 def _plan(spec, keep_other: bool) -> _Plan:
-    """A `Method`, a sequence of `Rule`s or a run config (`configs/*.py`) as one plan."""
+    """A `Method`, a sequence of `Rule`s or a run config (`config.RunConfig`, or a mapping of
+    its fields such as the rows of configs/eval_sweep.py) as one plan."""
     if isinstance(spec, Method):
         return _Plan(rules=tuple(default_rules(spec, keep_other=keep_other)), method=spec,
                      keep_other=keep_other)
     if isinstance(spec, (tuple, list)) and all(isinstance(r, Rule) for r in spec):
         methods = [r.method for r in spec if r.method is not None and r.method.on_the_fly]
         return _Plan(rules=tuple(spec), method=methods[0] if methods else None)
-    if isinstance(spec, Mapping) or hasattr(spec, "to_dict"):
-        c = _as_dict(spec)
-        if "method" not in c:
-            raise ValueError("compress: a run config needs a 'method' entry (e.g. "
-                             "{'method': {'name': 'rtn', 'bits': 4}})")
-        method = spec_method = method_from_config(_as_dict(c["method"]))
-        keep = bool(c.get("keep_other", True))
-        return _Plan(rules=tuple(default_rules(spec_method, keep_other=keep)), method=method,
-                     seed=int(c.get("seed", 0)), keep_other=keep,
-                     calib_windows=int(c.get("calib_windows", 64)) if method.needs_stats else 0,
-                     calib_seq_len=int(c.get("calib_seq_len", 256)),
-                     calib_data=c.get("calib_data") or None,
-                     calib_batch_size=int(c.get("calib_batch_size", 8)),
-                     true_sequential=bool(c.get("true_sequential", True)),
-                     distill_steps=int(c.get("distill_steps", 0)))
-    raise TypeError(f"compress: expected a Method, a sequence of Rules or a run config, got "
+    if isinstance(spec, (RunConfig, Mapping)) or hasattr(spec, "to_dict"):
+        c = as_run_config(spec, where="compress")
+        m = c.method
+        return _Plan(rules=tuple(default_rules(m, keep_other=c.keep_other)), method=m,
+                     seed=c.seed, keep_other=c.keep_other,
+                     calib_windows=c.calib_windows if m.needs_stats else 0,
+                     calib_seq_len=c.calib_seq_len, calib_data=c.calib_data,
+                     calib_batch_size=c.calib_batch_size, true_sequential=c.true_sequential,
+                     distill_steps=c.distill_steps)
+    raise TypeError(f"compress: expected a Method, a sequence of Rules or a RunConfig, got "
                     f"{type(spec).__name__}")
 
 
@@ -172,8 +164,9 @@ def compress(
         directories (then data-free rules are streamed one tensor at a time: host memory stays
         near one tensor of each checkpoint plus the output).
       method: a `Method` (the projections; other leaves by `methods.default_rules`), a sequence
-        of `tree.Rule`s, or a run config (`configs/*.py`: ``method``, ``keep_other``, ``seed``,
-        ``calib_*``, ``true_sequential``, ``distill_steps``).
+        of `tree.Rule`s, or a `config.RunConfig` (`configs/*.py`: ``method``, ``keep_other``,
+        ``seed``, ``calib_*``, ``true_sequential``, ``distill_steps``; a mapping of those fields
+        with a method dict, e.g. a sweep row, is converted by `config.from_dict`).
       cfg: the model config (needed to calibrate or distill: they run the model).
       calib: calibration token windows (N, L) for methods that use statistics (None: data-free
         modes). With a run config and `tokenizer`, its ``calib_windows`` × ``calib_seq_len``

@@ -5,9 +5,12 @@ Example:
       --config=configs/bitdelta.py --config.distill_steps=50 --out=/tmp/delta-bitdelta
 
 --base / --finetuned: HF directories, converted checkpoints (scripts/convert.py), or 'smollm2'.
---config: a configs/*.py file; any field can be overridden with --config.<field>=<value>
-(e.g. --config.method.bits=3). Prints the accounting table and the per-matrix-type relative
-reconstruction error; the same accounting is stored in the checkpoint's meta.json.
+--config: a configs/*.py file whose get_config() returns a `deltajax.config.RunConfig`; every
+field can be overridden, typed: --config.<field>=<value> (e.g. --config.calib_windows=0) and
+--config.method.<field>=<value> (e.g. --config.method.bits=3, or --config.method.rank=64 with
+configs/lowrank.py, a field whose default is None); --config.method=<name> swaps the method.
+Prints the accounting table and the per-matrix-type relative reconstruction error; the same
+accounting is stored in the checkpoint's meta.json.
 
 --mesh=data:D,model:M: load both models straight into their shards and compress on the mesh
 (data-free methods: matrices spread over all devices; calibrated ones: windows over data, the
@@ -23,10 +26,9 @@ from __future__ import annotations
 import time
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from deltajax import compress, delta, load_model, save_delta
+from deltajax import cli, compress, delta, load_model, save_delta
 from deltajax.io.params_ckpt import check_destination
 from deltajax.parallel import sharding
 
@@ -37,21 +39,24 @@ flags.DEFINE_string("finetuned", None, "Fine-tuned model of the same architectur
                     required=True)
 flags.DEFINE_string("out", None, "Output directory for the compressed delta.", required=True)
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
-config_flags.DEFINE_config_file("config", "configs/rtn4.py", "Compression config file.")
+_CONFIG = cli.define_run_config("config", "configs/rtn4.py", "Compression config file.")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data:1,model:8' (product = device count; "
                     "one axis may be -1). Default: no mesh (one device, today's behaviour).")
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
+    run_config = _CONFIG.value
     t0 = time.perf_counter()
     check_destination(FLAGS.out, FLAGS.overwrite)  # fail before the expensive work
     mesh = sharding.mesh_from_flag(FLAGS.mesh, tag="compress")
-    base, cfg, tok, _ = load_model(FLAGS.base, mesh=mesh)
-    ft, ft_cfg, ft_tok, _ = load_model(FLAGS.finetuned, mesh=mesh)
-    delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
+    with cli.about("base"):
+        base, cfg, tok, _ = load_model(FLAGS.base, mesh=mesh)
+    with cli.about("finetuned"):
+        ft, ft_cfg, ft_tok, _ = load_model(FLAGS.finetuned, mesh=mesh)
+        delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
     t1 = time.perf_counter()
-    comp = compress(base, ft, FLAGS.config, cfg=cfg, tokenizer=tok or ft_tok, mesh=mesh,
+    comp = compress(base, ft, run_config, cfg=cfg, tokenizer=tok or ft_tok, mesh=mesh,
                     log=print)
     report, _ = delta.report(base, delta.extract(base, ft), comp,
                              seconds=time.perf_counter() - t1)
@@ -62,10 +67,10 @@ def main(argv):
         comp = {n: leaf.replace(container=multihost_utils.process_allgather(
             leaf.container, tiled=True)) for n, leaf in comp.items()}
     out = save_delta(comp, FLAGS.out, cfg=cfg, base_params=base, overwrite=FLAGS.overwrite,
-                     extra={"config": FLAGS.config.to_dict(), "base": FLAGS.base,
+                     extra={"config": run_config.to_dict(), "base": FLAGS.base,
                             "finetuned": FLAGS.finetuned})
     print(f"[compress] wrote {out} in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

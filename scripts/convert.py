@@ -18,15 +18,11 @@ Example:
 
 from __future__ import annotations
 
-import os
-import sys
+from absl import flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
-
+from deltajax import cli
 from deltajax.io import hf
-from deltajax.parallel import sharding  # noqa: E402
+from deltajax.parallel import sharding
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
@@ -41,17 +37,9 @@ _MESH = flags.DEFINE_string(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_extra_args(argv)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
-    try:
-        _run()
-    except (ValueError, OSError, ImportError) as e:  # user errors: bad files or config, no torch
-        sys.exit(f"error: {e}")
-
-
-def _run() -> None:
     mesh = sharding.mesh_from_flag(_MESH.value, tag="convert")
     shard = None if mesh is None else sharding.param_sharding_fn(mesh)
     s = hf.convert_hf_to_checkpoint(
@@ -68,4 +56,4 @@ def _run() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, user_errors=(ImportError,))  # ImportError: no torch for .bin files

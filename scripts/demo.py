@@ -20,10 +20,9 @@ import os
 import time
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from deltajax import attach, compress, delta, load_delta, load_model, save_delta
+from deltajax import attach, cli, compress, delta, load_delta, load_model, save_delta
 from deltajax import data as D
 from deltajax import train as F
 from deltajax.eval import metrics as E
@@ -40,7 +39,7 @@ flags.DEFINE_integer("eval_windows", 8, "Token windows per perplexity evaluation
 flags.DEFINE_integer("eval_seq_len", 256, "Tokens per perplexity window.")
 flags.DEFINE_integer("max_new_tokens", 96, "Tokens to generate for the demo question.")
 flags.DEFINE_string("out", None, "Where to save the compressed delta (default: in the cache).")
-config_flags.DEFINE_config_file("config", "configs/demo.py", "Compression config (any "
+_CONFIG = cli.define_run_config("config", "configs/demo.py", "Compression config (any "
                                 "configs/*.py; default Delta-CoMe 1/16).")
 
 
@@ -59,25 +58,28 @@ def _demo_finetune(base, cfg, tok, src_dir) -> Path:
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
+    run_config = _CONFIG.value
     t_all = time.perf_counter()
     t0 = time.perf_counter()
-    base, cfg, tok, src = load_model(FLAGS.base)
+    with cli.about("base"):
+        base, cfg, tok, src = load_model(FLAGS.base)
     print(f"[demo] base {FLAGS.base}: {describe(cfg)} (loaded in {time.perf_counter() - t0:.1f} s)")
     if tok is None:
-        raise SystemExit(f"error: {src} has no tokenizer files; the demo needs one")
+        raise FileNotFoundError(f"--base: {src} has no tokenizer files; the demo needs one")
     ft_spec = FLAGS.finetuned or str(_demo_finetune(base, cfg, tok, src))
-    ft, ft_cfg, _, _ = load_model(ft_spec)
-    delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
+    with cli.about("finetuned"):
+        ft, ft_cfg, _, _ = load_model(ft_spec)
+        delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
 
     t0 = time.perf_counter()
-    comp = compress(base, ft, FLAGS.config, cfg=cfg, tokenizer=tok, log=print)
+    comp = compress(base, ft, run_config, cfg=cfg, tokenizer=tok, log=print)
     t_comp = time.perf_counter() - t0
     report, acc = delta.report(base, delta.extract(base, ft), comp, seconds=t_comp)
     method = next(leaf.method for leaf in comp.values() if leaf.method.on_the_fly)
     out = FLAGS.out or os.path.join(cache_root(), "demo-delta")
     save_delta(comp, out, cfg=cfg, base_params=base, overwrite=True,
-               extra={"config": FLAGS.config.to_dict()})
+               extra={"config": run_config.to_dict()})
     comp, _ = load_delta(out, base_params=base, cfg=cfg)
     attached = attach(base, comp)
 
@@ -111,4 +113,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -26,8 +26,8 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
+from deltajax import cli, delta
 from deltajax import data as D
-from deltajax import delta
 from deltajax.eval import harness as E
 from deltajax.eval import plots
 from deltajax.io.resolve import load_model
@@ -78,7 +78,7 @@ def _settings() -> dict:
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
     if FLAGS.render:
         _render()
         return
@@ -89,7 +89,8 @@ def main(argv):
     for p in FLAGS.delta:
         if not Path(p).expanduser().exists():
             raise FileNotFoundError(f"--delta: {p} does not exist")
-    rows_cfg = E.load_sweep(FLAGS.sweep) if FLAGS.sweep else []
+    with cli.about("sweep"):
+        rows_cfg = E.load_sweep(FLAGS.sweep) if FLAGS.sweep else []
     out_md = Path(FLAGS.out)
     out_json = out_md.with_suffix(".json")
     settings = _settings()
@@ -102,9 +103,11 @@ def main(argv):
         previous = old["rows"]
         print(f"[eval] resuming: {len(previous)} rows from {out_json}")
 
-    base, cfg, tok, _ = load_model(FLAGS.base)
-    ft, ft_cfg, ft_tok, _ = load_model(FLAGS.finetuned)
-    delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
+    with cli.about("base"):
+        base, cfg, tok, _ = load_model(FLAGS.base)
+    with cli.about("finetuned"):
+        ft, ft_cfg, ft_tok, _ = load_model(FLAGS.finetuned)
+        delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
     tok = tok or ft_tok
     if tok is None:
         raise ValueError("neither the base nor the fine-tune directory has a tokenizer")
@@ -136,7 +139,8 @@ def main(argv):
     }
     done = {r["label"] for r in previous}
     rows = list(previous)
-    rows += E.evaluate_saved(ev, [p for p in FLAGS.delta if str(p) not in done])
+    with cli.about("delta"):
+        rows += E.evaluate_saved(ev, [p for p in FLAGS.delta if str(p) not in done])
     skipped = []
 
     def save_partial(all_rows):
@@ -185,9 +189,11 @@ def _render() -> None:
                               for r in E.load_sweep(FLAGS.sweep) if r[0] not in have]
     spectra, source = None, None
     if FLAGS.plots and FLAGS.finetuned:
-        base, cfg, _, _ = load_model(FLAGS.base)
-        ft, ft_cfg, _, _ = load_model(FLAGS.finetuned)
-        delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
+        with cli.about("base"):
+            base, cfg, _, _ = load_model(FLAGS.base)
+        with cli.about("finetuned"):
+            ft, ft_cfg, _, _ = load_model(FLAGS.finetuned)
+            delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
         spectra, source = E.delta_spectra(delta.extract(base, ft)), FLAGS.finetuned
     out_md = Path(FLAGS.out)
     _write(report, out_md, out_md.with_suffix(".json"), spectra, source)
@@ -254,4 +260,4 @@ def _write(report, out_md, out_json, spectra, spectra_source) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,15 +12,12 @@ Example:
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from deltajax.io import hf  # noqa: E402
+from deltajax import cli
+from deltajax.io import hf
 from deltajax.io import params_ckpt as checkpoint
 
 _CKPT = flags.DEFINE_string("ckpt", None, "deltajax params checkpoint directory.", required=True)
@@ -38,19 +35,12 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out di
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_extra_args(argv)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
-    try:
-        _run()
-    except (ValueError, OSError, ImportError) as e:  # user errors: bad files or config, no torch
-        sys.exit(f"error: {e}")
-
-
-def _run() -> None:
     t0 = time.perf_counter()
-    params, cfg = checkpoint.load_params_ckpt(_CKPT.value)
+    with cli.about("ckpt"):
+        params, cfg = checkpoint.load_params_ckpt(_CKPT.value)
     out = hf.export_hf(
         params,
         cfg,
@@ -66,4 +56,4 @@ def _run() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
+from deltajax import cli
 from deltajax import data as D
 from deltajax import train as F
 from deltajax.io import hf
@@ -41,10 +42,13 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
     out = os.path.expanduser(FLAGS.out)
     checkpoint.check_destination(out, FLAGS.overwrite)
-    params, cfg, tok, src_dir = load_model(FLAGS.base)
+    if FLAGS.data and not os.path.isfile(os.path.expanduser(FLAGS.data)):
+        raise FileNotFoundError(f"--data: {FLAGS.data} not found")
+    with cli.about("base"):
+        params, cfg, tok, src_dir = load_model(FLAGS.base)
     data = FLAGS.data or str(D.default_file("gsm8k_train"))
     fc = F.FinetuneConfig(
         steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, lr=FLAGS.lr,
@@ -63,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

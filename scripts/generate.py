@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from deltajax import attach, load_delta, load_model
+from deltajax import attach, cli, load_delta, load_model
 from deltajax.io.resolve import describe
 from deltajax.parallel import sharded, sharding
 from deltajax.serve import generate as G
@@ -74,7 +74,7 @@ def read_prompts(prompts: list[str], path: str | None) -> list[str]:
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise SystemExit(f"error: --prompts_file {p} does not exist")
+            raise FileNotFoundError(f"--prompts_file: {p} does not exist")
         for i, line in enumerate(p.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
@@ -82,12 +82,12 @@ def read_prompts(prompts: list[str], path: str | None) -> list[str]:
                 try:
                     out.append(json.loads(line)["prompt"])
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise SystemExit(f"error: {p}:{i}: expected a JSON object with a 'prompt' "
-                                     f"key ({e})") from None
+                    raise ValueError(f"--prompts_file: {p}:{i}: expected a JSON object with a "
+                                     f"'prompt' key ({e})") from None
             else:
                 out.append(line)
     if not out:
-        raise SystemExit("error: no prompts: pass --prompt and/or --prompts_file")
+        raise ValueError("no prompts: pass --prompt and/or --prompts_file")
     return out
 
 
@@ -97,14 +97,14 @@ def tenant_ids(values: list[str], n_prompts: int, n_deltas: int) -> list[int]:
     try:
         ids = [int(v) for v in _split(values)]
     except ValueError:
-        raise SystemExit(f"error: --tenant must be integers, got {values}") from None
+        raise ValueError(f"--tenant must be integers, got {values}") from None
     if len(ids) == 1:
         ids = ids * n_prompts
     if len(ids) != n_prompts:
-        raise SystemExit(f"error: {len(ids)} --tenant values for {n_prompts} prompts")
+        raise ValueError(f"{len(ids)} --tenant values for {n_prompts} prompts")
     bad = [t for t in ids if not -1 <= t < n_deltas]
     if bad:
-        raise SystemExit(f"error: --tenant values {bad} out of range: {n_deltas} deltas given "
+        raise ValueError(f"--tenant values {bad} out of range: {n_deltas} deltas given "
                          f"(0..{n_deltas - 1}, or -1 for the base)")
     return ids
 
@@ -116,7 +116,7 @@ def _stats(res: dict) -> str:
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     prompts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
@@ -125,11 +125,14 @@ def main(argv):
 
     t0 = time.perf_counter()
     mesh = sharding.mesh_from_flag(FLAGS.mesh, tag="generate")
-    base, cfg, tok, src = load_model(FLAGS.base, mesh=mesh)
+    with cli.about("base"):
+        base, cfg, tok, src = load_model(FLAGS.base, mesh=mesh)
     if tok is None:
-        raise SystemExit(f"error: {src} has no tokenizer files (tokenizer.json / "
-                         "tokenizer_config.json); generation needs the checkpoint's tokenizer")
-    loaded = [load_delta(p, base_params=base, cfg=cfg) for p in paths]
+        raise FileNotFoundError(f"--base: {src} has no tokenizer files (tokenizer.json / "
+                                "tokenizer_config.json); generation needs the checkpoint's "
+                                "tokenizer")
+    with cli.about("delta"):
+        loaded = [load_delta(p, base_params=base, cfg=cfg) for p in paths]
     deltas, metas = [d for d, _ in loaded], [m for _, m in loaded]
     if FLAGS.dtype:  # after the fingerprint check, which is of the stored base
         base = jax.tree.map(lambda w: w.astype(FLAGS.dtype), base)
@@ -150,7 +153,8 @@ def main(argv):
         try:
             params = attach(base, deltas, other=FLAGS.other, implementation=FLAGS.implementation)
         except (multitenant.TenantError, NotImplementedError) as e:
-            raise SystemExit(f"error: {e}\n(flags: --other=base or --other=per_row)") from None
+            raise multitenant.TenantError(f"{e} (flags: --other=base or --other=per_row)") \
+                from None
         tids = ids
 
     chat = G.has_chat_template(tok) if FLAGS.chat is None else FLAGS.chat
@@ -173,4 +177,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -14,14 +14,13 @@ layer must move (packed codes + scales + activations in and out) / the measured 
 bandwidth, divided by the measured time.
 
 Example:
-  PYTHONPATH=. python3 scripts/bench_kernels.py --quick
-  PYTHONPATH=. python3 scripts/bench_kernels.py --sweep --nobench
+  python benchmarks/bench_kernels.py --quick
+  python benchmarks/bench_kernels.py --sweep --nobench
 """
 
 from __future__ import annotations
 
 import collections
-import datetime
 import glob
 import importlib.metadata
 import math
@@ -33,6 +32,7 @@ import tempfile
 import time
 import traceback
 
+import _common as C
 import jax
 import jax.numpy as jnp
 from absl import app, flags
@@ -912,10 +912,10 @@ def main(argv):
     header = [
         "# deltajax kernel benchmark",
         "",
-        f"- date: {datetime.datetime.now().isoformat(' ', 'seconds')}",
+        f"- date: {C.utc_now()}",
         f"- device: {dev.device_kind} ({jax.device_count()} visible)",
         f"- jax {jax.__version__}, jaxlib {importlib.metadata.version('jaxlib')}",
-        f"- command: `PYTHONPATH=. python3 {' '.join(sys.argv)}`",
+        f"- command: `{C.command_line()}`",
     ]
     for line in header:
         log(line)

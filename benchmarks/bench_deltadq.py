@@ -1,6 +1,6 @@
 r"""DeltaDQ vs DARE at the same true ratio on a real base / fine-tune pair.
 
-  python scripts/bench_deltadq.py --base=smollm2 \
+  python benchmarks/bench_deltadq.py --base=smollm2 \
       --finetuned=~/.cache/deltajax/smollm2-gsm8k-ft --out=benchmarks/deltadq.md
 
 For each ratio (16x, 32x, 64x, 128x against a 16-bit delta by default): DeltaDQ (calibrated
@@ -13,17 +13,15 @@ fraction and the group sizes the search chose. The table is rewritten after ever
 from __future__ import annotations
 
 import collections
-import datetime
-import sys
 import time
 
-import jax
+import _common as C
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from deltajax import accounting, delta
+from deltajax import accounting, cli, delta
 from deltajax import data as D
-from deltajax.eval import harness as E
+from deltajax.eval import metrics
 from deltajax.io.resolve import load_model
 from deltajax.steps import calibrate
 from deltajax.tree import flatten
@@ -61,18 +59,17 @@ def _groups(comp) -> str:
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
     t_start = time.perf_counter()
-    base, cfg, tok, _ = load_model(FLAGS.base)
-    ft, _, _, _ = load_model(FLAGS.finetuned)
+    with cli.about("base"):
+        base, cfg, tok, _ = load_model(FLAGS.base)
+    with cli.about("finetuned"):
+        ft, ft_cfg, _, _ = load_model(FLAGS.finetuned)
+        delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
     held = D.read_texts(D.default_file("gsm8k_heldout"), split="heldout")
     gsm = D.token_windows(tok, held, FLAGS.eval_seq_len, FLAGS.eval_windows)
     wiki = D.token_windows(tok, D.read_texts(D.default_file("wikitext2")), FLAGS.eval_seq_len,
                            FLAGS.eval_windows)
-
-    def ppl(p):
-        return (E.perplexity(p, cfg, gsm, progress=False)["ppl"],
-                E.perplexity(p, cfg, wiki, progress=False)["ppl"])
 
     if FLAGS.reference_ppl:
         ref = [float(v) for v in FLAGS.reference_ppl]
@@ -80,7 +77,7 @@ def main(argv):
             raise ValueError(f"--reference_ppl needs 4 values, got {FLAGS.reference_ppl}")
         pb, pf = (ref[0], ref[1]), (ref[2], ref[3])
     else:
-        pb, pf = ppl(base), ppl(ft)
+        pb, pf = C.perplexities(base, cfg, gsm, wiki), C.perplexities(ft, cfg, gsm, wiki)
     print(f"base {pb}, fine-tune {pf} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     deltas = delta.extract(base, ft)
     shapes = {n: tuple(x.shape) for n, x in flatten(base).items()}
@@ -106,10 +103,10 @@ def main(argv):
                 "method": m, "keep_other": True, "seed": 0, "calib_windows": n_cal,
                 "calib_seq_len": FLAGS.calib_seq_len, "calib_batch_size": 8},
                 cfg=cfg, tokenizer=tok, progress=False)
-            out_err = float(np.mean(list(E.output_errors(deltas, {
+            out_err = float(np.mean(list(metrics.output_errors(deltas, {
                 n: leaf for n, leaf in comp.items() if n in held_stats},
                 held_stats).values())))
-            pc = ppl(delta.merge(base, comp))
+            pc = C.perplexities(delta.merge(base, comp), cfg, gsm, wiki)
             acc = accounting.account(comp, shapes)
             gain = (pb[0] - pc[0]) / (pb[0] - pf[0])
             keep, groups = _groups(comp)
@@ -120,13 +117,8 @@ def main(argv):
 
 
 def _write(rows, pb, pf, gsm, wiki, held_stats, seconds):
-    dev = jax.devices()[0]
-    lines = [
-        "# DeltaDQ vs DARE at the same true ratio (real pair)",
-        "",
-        f"- date: {datetime.date.today().isoformat()}; device: {dev.platform} "
-        f"({getattr(dev, 'device_kind', '')}); jax {jax.__version__}; {seconds:.0f} s so far",
-        f"- command: `python {' '.join(sys.argv)}`",
+    lines = C.header("DeltaDQ vs DARE at the same true ratio (real pair)", [
+        f"- wall time: {seconds:.0f} s so far",
         f"- base: {FLAGS.base}; fine-tune: {FLAGS.finetuned}",
         f"- held-out GSM8K: last 500 problems of gsm8k_train.jsonl, {gsm.shape[0]} windows x "
         f"{gsm.shape[1]} tokens; WikiText-2: first {wiki.shape[0]} windows of the raw test set",
@@ -144,17 +136,14 @@ def _write(rows, pb, pf, gsm, wiki, held_stats, seconds):
         f"Base: GSM8K ppl {pb[0]:.3f}, WikiText-2 ppl {pb[1]:.3f}. Fine-tune: GSM8K ppl "
         f"{pf[0]:.3f}, WikiText-2 ppl {pf[1]:.3f}.",
         "",
-        "| method | linear ratio | whole ratio | output error | GSM8K ppl | WikiText-2 ppl "
-        "| gain kept | kept | groups |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r[0]} | {r[1]:.2f}x | {r[2]:.2f}x | {r[3]:.3f} | {r[4]:.3f} | "
-                     f"{r[5]:.3f} | {100 * r[6]:.1f}% | {r[7]} | {r[8]} |")
-    text = "\n".join(lines) + "\n"
-    with open(FLAGS.out, "w") as f:
-        f.write(text)
+    ])
+    lines += C.table(
+        ["method", "linear ratio", "whole ratio", "output error", "GSM8K ppl", "WikiText-2 ppl",
+         "gain kept", "kept", "groups"],
+        [(r[0], f"{r[1]:.2f}x", f"{r[2]:.2f}x", f"{r[3]:.3f}", f"{r[4]:.3f}", f"{r[5]:.3f}",
+          f"{100 * r[6]:.1f}%", r[7], r[8]) for r in rows], align="lrrrrrrrl")
+    C.write_markdown(FLAGS.out, lines)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

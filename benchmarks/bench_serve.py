@@ -1,6 +1,6 @@
 r"""Multi-tenant decode throughput and memory: one base + T compressed deltas in one batch.
 
-  PYTHONPATH=. python3 scripts/bench_serve.py --out=benchmarks/serving.md
+  python benchmarks/bench_serve.py --out=benchmarks/serving.md
 
 Model: Llama-2-7B shapes (32 layers, hidden 4096, MLP 11008, 32 heads, vocab 32000), bf16 random
 base. Deltas: T tenants per method, each projection holding a container of exactly the structure
@@ -19,20 +19,24 @@ together (T × 13.5 GB), so each tenant's rows are decoded by its own dense mode
 host→device copy of its weights. Its throughput is computed from measured parts:
 batch / (Σ_t step_time_dense(rows of t) + T · swap_time / gen_len), i.e. one swap per tenant
 per generation of --gen_len tokens (stated as such in the table).
+
+% of copy floor: the bytes one decode step must read (the base weights, the deltas of the
+min(T, batch) tenants present, the KV cache) at the device-to-device copy bandwidth measured in
+the same run (`_common.copy_bandwidth`), as % of the measured step time.
 """
 
 from __future__ import annotations
 
-import datetime
 import statistics
-import sys
 import time
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from deltajax import cli
 from deltajax import model as M
 from deltajax.methods import make_method
 from deltajax.serve.multitenant import MultiTenantWeight
@@ -158,23 +162,42 @@ def time_decode(cfg, layers, top, batch):
     valid = jnp.zeros((batch, s), bool).at[:, : FLAGS.cache_len].set(True)
     tok = jnp.ones((batch, 1), jnp.int32)
     mem = _mem()
-    t0 = time.perf_counter()
-    tok, ck, cv, valid = jax.block_until_ready(step(layers, top, tok, ck, cv, valid,
-                                                    jnp.int32(FLAGS.cache_len)))
-    compile_s = time.perf_counter() - t0
+    (tok, ck, cv, valid), compile_s = C.timed(step, layers, top, tok, ck, cv, valid,
+                                              jnp.int32(FLAGS.cache_len))
     times = []
-    for i in range(FLAGS.steps):
-        t0 = time.perf_counter()
-        tok, ck, cv, valid = jax.block_until_ready(step(layers, top, tok, ck, cv, valid,
-                                                        jnp.int32(FLAGS.cache_len + 1 + i)))
-        times.append(time.perf_counter() - t0)
+    for i in range(FLAGS.steps):  # the cache is donated: each step feeds the next (no re-use)
+        (tok, ck, cv, valid), t = C.timed(step, layers, top, tok, ck, cv, valid,
+                                          jnp.int32(FLAGS.cache_len + 1 + i))
+        times.append(t)
     return statistics.median(times), mem, compile_s
 
 
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def kv_bytes(cfg, batch: int) -> int:
+    """Bytes of the KV cache a decode step reads (bf16 K and V of --cache_len tokens)."""
+    return (2 * 2 * cfg.num_hidden_layers * batch * FLAGS.cache_len * cfg.num_key_value_heads
+            * cfg.head_dim)
+
+
+def step_bytes(layers, top, t: int, batch: int) -> int:
+    """Bytes one decode step must read: base weights, the deltas of the min(T, batch) tenants
+    in the batch (the stacked deltas hold T), the KV cache."""
+    mt = [x for x in jax.tree.leaves(layers, is_leaf=lambda v: isinstance(v, MultiTenantWeight))
+          if isinstance(x, MultiTenantWeight)]
+    deltas = sum(_nbytes(w.deltas) for w in mt)
+    base = _nbytes(top) + _nbytes(layers) - deltas - sum(_nbytes(w.tenant_ids) for w in mt)
+    return base + deltas * min(t, batch) // max(t, 1)
+
+
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
     cfg = _cfg()
     dev = jax.devices()[0]
+    bw = C.copy_bandwidth()
+    print(f"copy bandwidth {C.fmt_bandwidth(bw)}", flush=True)
     batches = [int(b) for b in FLAGS.batches]
     tenants = [int(t) for t in FLAGS.tenants]
     t_begin = time.perf_counter()
@@ -187,13 +210,13 @@ def main(argv):
         dense_step[b], mem, c = time_decode(cfg, layers, top, b)
         print(f"dense b={b}: {1e3 * dense_step[b]:.2f} ms/step (compile {c:.0f} s)", flush=True)
         if b in batches:
-            rows.append(("base alone", 0, b, b / dense_step[b], mem, ""))
+            floor = C.pct_of_floor(step_bytes(layers, top, 1, b) + kv_bytes(cfg, b),
+                                   dense_step[b], bw)
+            rows.append(("base alone", 0, b, b / dense_step[b], mem, floor, ""))
     # host -> device swap of one dense model
     host = jax.device_get((layers, top))
     del layers, top
-    t0 = time.perf_counter()
-    jax.block_until_ready(jax.device_put(host))
-    swap_s = time.perf_counter() - t0
+    swap_s = C.timed(jax.device_put, host)[1]
     del host
     print(f"swap of one dense model ({base_bytes / 2**30:.1f} GiB): {swap_s:.2f} s", flush=True)
     for t in tenants:
@@ -202,20 +225,24 @@ def main(argv):
             denom = (sum(dense_step[max(1, r)] for r in per if r)
                      + min(t, b) * swap_s / FLAGS.gen_len)
             rows.append(("dense per fine-tune, swapped (computed)", t, b, b / denom, float("nan"),
+                         float("nan"),
                          f"{min(t, b)} swaps of {swap_s:.2f} s per {FLAGS.gen_len} tokens"))
     for name in FLAGS.methods:
         for t in tenants:
             if time.perf_counter() - t_begin > FLAGS.max_seconds:
-                rows.append((name, t, 0, float("nan"), float("nan"), "skipped: time budget"))
+                rows.append((name, t, 0, float("nan"), float("nan"), float("nan"),
+                             "skipped: time budget"))
                 continue
             try:
                 layers, top = build(cfg, name, t, max(batches), jax.random.PRNGKey(1))
             except Exception as e:  # noqa: BLE001 (report OOM and go on)
-                rows.append((name, t, 0, float("nan"), float("nan"), f"build failed: {e!s:.60}"))
+                rows.append((name, t, 0, float("nan"), float("nan"), float("nan"),
+                             f"build failed: {e!s:.60}"))
                 continue
             for b in batches:
                 if time.perf_counter() - t_begin > FLAGS.max_seconds:
-                    rows.append((name, t, b, float("nan"), float("nan"), "skipped: time budget"))
+                    rows.append((name, t, b, float("nan"), float("nan"), float("nan"),
+                                 "skipped: time budget"))
                     continue
                 lb = jax.tree.map(lambda x: x, layers)
                 ids = jnp.arange(b, dtype=jnp.int32) % t
@@ -229,10 +256,12 @@ def main(argv):
                 try:
                     st, mem, c = time_decode(cfg, lb, top, b)
                 except Exception as e:  # noqa: BLE001
-                    rows.append((name, t, b, float("nan"), float("nan"), f"failed: {e!s:.60}"))
+                    rows.append((name, t, b, float("nan"), float("nan"), float("nan"),
+                                 f"failed: {e!s:.60}"))
                     continue
                 note = f"{100 * dense_step[b] / st:.0f}% of base alone"
-                rows.append((name, t, b, b / st, mem, note))
+                floor = C.pct_of_floor(step_bytes(lb, top, t, b) + kv_bytes(cfg, b), st, bw)
+                rows.append((name, t, b, b / st, mem, floor, note))
                 print(f"{name} T={t} b={b}: {1e3 * st:.2f} ms/step, {mem:.1f} GiB, {note} "
                       f"(compile {c:.0f} s)", flush=True)
             del layers, top
@@ -242,12 +271,10 @@ def main(argv):
     stored_path = FLAGS.implementation == "pallas_gpu" or (
         FLAGS.implementation == "auto" and on_gpu and stored_gpu.AUTO_ON_GPU
     )
-    lines = [
-        "# Multi-tenant decode: one base + T compressed deltas in one batch",
-        "",
-        f"- date: {datetime.date.today().isoformat()}; device: {dev.platform} "
-        f"({getattr(dev, 'device_kind', '')}); jax {jax.__version__}",
-        f"- command: `python {' '.join(sys.argv)}`",
+    lines = C.header("Multi-tenant decode: one base + T compressed deltas in one batch", [
+        f"- copy bandwidth (device-to-device copy, read + write, this run): "
+        f"{C.fmt_bandwidth(bw)}; % of copy floor = bytes a step must read (base, the deltas of "
+        "the tenants in the batch, KV cache) / bandwidth / measured step time",
         f"- model: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, MLP "
         f"{cfg.intermediate_size}, vocab {cfg.vocab_size}, bf16 ({base_bytes / 2**30:.1f} GiB); "
         f"decode step with a {FLAGS.cache_len}-token KV cache, median of {FLAGS.steps} steps; "
@@ -264,19 +291,19 @@ def main(argv):
         "- target: 16 fine-tunes in a batch of 16 ≥ 70% of base-alone tokens/s with base + "
         "16 × 1/16 of its memory",
         "",
-        "| serving | T | batch | tokens/s | device GiB | note |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for name, t, b, tps, mem, note in rows:
-        mem_s = "" if np.isnan(mem) else f"{mem:.1f}"
-        tps_s = "" if np.isnan(tps) else f"{tps:.1f}"
-        lines.append(f"| {name} | {t} | {b} | {tps_s} | {mem_s} | {note} |")
+    ])
+
+    def cell(v, spec):
+        return "" if np.isnan(v) else f"{v:{spec}}"
+
+    lines += C.table(["serving", "T", "batch", "tokens/s", "device GiB", "% of copy floor",
+                      "note"],
+                     [(name, t, b, cell(tps, ".1f"), cell(mem, ".1f"), cell(fl, ".0f"), note)
+                      for name, t, b, tps, mem, fl, note in rows], align="lrrrrrl")
     text = "\n".join(lines) + "\n"
     print(text)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(text)
+    C.write_markdown(FLAGS.out, text)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,6 +1,6 @@
 r"""DSnoT on a real pair: sparse deltas (initial mask vs + DSnoT) and base-weight pruning at 60 %.
 
-  python scripts/bench_dsnot.py --base=smollm2 \
+  python benchmarks/bench_dsnot.py --base=smollm2 \
       --finetuned=~/.cache/deltajax/smollm2-gsm8k-ft --out=benchmarks/dsnot.md
 
 Part 1 (delta): at each sparsity, each initial mask (magnitude, Wanda, DARE-style random) alone
@@ -19,17 +19,16 @@ Writes a markdown table with date, device and command (rewritten after every row
 
 from __future__ import annotations
 
-import datetime
-import sys
 import time
 
+import _common as C
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from deltajax import accounting, delta
+from deltajax import accounting, cli, delta
 from deltajax import data as D
-from deltajax.eval import harness as E
+from deltajax.eval import metrics
 from deltajax.io.resolve import load_model
 from deltajax.methods.dsnot import DSnoT
 from deltajax.steps import calibrate, prune
@@ -60,22 +59,17 @@ VARIANTS = {"init": dict(refine=False), "dsnot": dict(refine=True),
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
     t_start = time.perf_counter()
-    base, cfg, tok, _ = load_model(FLAGS.base)
+    with cli.about("base"):
+        base, cfg, tok, _ = load_model(FLAGS.base)
     held = D.read_texts(D.default_file("gsm8k_heldout"), split="heldout")
     gsm = D.token_windows(tok, held, FLAGS.eval_seq_len, FLAGS.eval_windows)
     wiki = D.token_windows(tok, D.read_texts(D.default_file("wikitext2")), FLAGS.eval_seq_len,
                            FLAGS.eval_windows)
     calib = calibrate.calibration_windows(tok, num_windows=FLAGS.calib_windows,
                                           seq_len=FLAGS.calib_seq_len)
-    dev = jax.devices()[0]
-    head = [
-        "# DSnoT (training-free sparse-mask refinement) on SmolLM2",
-        "",
-        f"- date: {datetime.date.today().isoformat()}; device: {dev.platform} "
-        f"({getattr(dev, 'device_kind', '')}); jax {jax.__version__}",
-        f"- command: `python {' '.join(sys.argv)}`",
+    head = C.header("DSnoT (training-free sparse-mask refinement) on SmolLM2", [
         f"- base: {FLAGS.base}; fine-tune: {FLAGS.finetuned}",
         f"- evaluation: held-out GSM8K (last 500 problems) and WikiText-2 test, "
         f"{gsm.shape[0]} windows x {gsm.shape[1]} tokens each; calibration: {calib.shape[0]} "
@@ -84,27 +78,24 @@ def main(argv):
         "γ = 1 (the original's defaults); 'dsnot' = the original stop rule, 'dsnot_esq' = a swap "
         "only when it lowers ε² + Σ_pruned W²·Var (ours)",
         "",
-    ]
+    ])
     sections: dict[str, list[str]] = {}
 
     def write():
-        text = "\n".join(head + [ln for s in sections.values() for ln in s]) + "\n"
-        with open(FLAGS.out, "w") as f:
-            f.write(text)
-
-    def ppl(p):
-        return (E.perplexity(p, cfg, gsm, progress=False)["ppl"],
-                E.perplexity(p, cfg, wiki, progress=False)["ppl"])
+        C.write_markdown(FLAGS.out, head + [ln for s in sections.values() for ln in s])
 
     if FLAGS.finetuned:
-        ft, _, _, _ = load_model(FLAGS.finetuned)
+        with cli.about("finetuned"):
+            ft, ft_cfg, _, _ = load_model(FLAGS.finetuned)
+            delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
         deltas = delta.extract(base, ft)
         shapes = {n: tuple(x.shape) for n, x in flatten(base).items()}
         print("statistics: calibration and held-out", flush=True)
         cal_stats = calibrate.collect_stats(ft, cfg, calib, batch_size=8)
         held_stats = calibrate.collect_stats(ft, cfg, gsm[: max(4, FLAGS.eval_windows // 2)],
                                              batch_size=4)
-        pb, pf = (ppl(base), ppl(ft)) if FLAGS.ppl else ((float("nan"),) * 2,) * 2
+        pb, pf = ((C.perplexities(base, cfg, gsm, wiki), C.perplexities(ft, cfg, gsm, wiki))
+                  if FLAGS.ppl else ((float("nan"),) * 2,) * 2)
         sec = sections["delta"] = [
             "## 1. Sparse delta (every projection at the same per-row sparsity)",
             "",
@@ -128,11 +119,12 @@ def main(argv):
                               **VARIANTS[var])
                     comp = delta.compress(base, ft, m, stats=cal_stats, progress=False)
                     acc = accounting.account(comp, shapes)
-                    oe = E.output_errors(deltas, {n: v for n, v in comp.items()
+                    oe = metrics.output_errors(deltas, {n: v for n, v in comp.items()
                                                   if n in held_stats}, held_stats)
                     out_err = float(np.mean(list(oe.values())))
                     swaps = _mean_swaps(m, deltas, cal_stats) if m.refine else 0.0
-                    pc = ppl(delta.merge(base, comp)) if FLAGS.ppl else (float("nan"),) * 2
+                    pc = (C.perplexities(delta.merge(base, comp), cfg, gsm, wiki) if FLAGS.ppl
+                          else (float("nan"),) * 2)
                     sec.append(f"| {sp:.2f} | {init} | {var} | {acc['linear_ratio']:.2f}x | "
                                f"{acc['total_ratio']:.2f}x | {out_err:.4f} | {pc[0]:.3f} | "
                                f"{pc[1]:.3f} | {swaps:.1f} |")
@@ -154,7 +146,7 @@ def main(argv):
             "| model | WikiText-2 ppl | GSM8K ppl | q_proj mean abs ε | seconds |",
             "|---|---:|---:|---:|---:|",
         ]
-        pd = ppl(base)
+        pd = C.perplexities(base, cfg, gsm, wiki)
         sec.append(f"| dense | {pd[1]:.3f} | {pd[0]:.3f} | – | – |")
         write()
         runs = [("Wanda", dict(refine=False)),
@@ -165,7 +157,7 @@ def main(argv):
         for label, kw in runs:
             pp, rep = prune.prune_model(base, cfg, calib, sparsity=s, init="wanda",
                                         max_cycles=FLAGS.max_cycles, progress=False, **kw)
-            pc = ppl(pp)
+            pc = C.perplexities(pp, cfg, gsm, wiki)
             sec.append(f"| {label} | {pc[1]:.3f} | {pc[0]:.3f} | {rep['eps0']['q_proj']:.4g} → "
                        f"{rep['eps']['q_proj']:.4g} | {rep['seconds']:.0f} |")
             print(sec[-1], flush=True)
@@ -187,4 +179,4 @@ def _mean_swaps(m: DSnoT, deltas, stats) -> float:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

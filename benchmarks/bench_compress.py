@@ -1,6 +1,6 @@
 r"""Time Delta-CoMe compression of a Llama-2-7B-shaped delta (32 layers × 7 matrices).
 
-  PYTHONPATH=. python3 scripts/bench_compress.py --out=benchmarks/compress.md
+  python benchmarks/bench_compress.py --out=benchmarks/compress.md
 
 Synthetic but realistic inputs, generated on the device per matrix (generation not timed):
 a delta with a long-tailed spectrum (σ_i ∝ exp(−i/τ) + a small flat tail, random singular
@@ -8,21 +8,24 @@ vectors) and a Hessian H = 2/n·XᵀX of correlated inputs (a low-rank-plus-iden
 Each matrix is compressed by the jitted `DeltaCoMe.compress` with its Hessian (SVD, GPTQ on all
 bands' V rows in one pass, GPTQ on each band's U, packing); the clock covers compress only,
 synchronised with block_until_ready. Prints and writes a table with date, device and command.
+The copy floor (`_common.copy_bandwidth`, measured in the same run) of a matrix is the time to
+read Δ and H (fp32) and write the packed container once; the table gives it as % of the measured
+time (compression is compute-bound: SVD and GPTQ, so this is small).
 With --max_seconds, layers stop being started once the budget is spent and the whole-model time
 is extrapolated from the measured per-matrix medians (labelled as such).
 """
 
 from __future__ import annotations
 
-import datetime
 import statistics
-import sys
 import time
 
+import _common as C
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
+from deltajax import cli
 from deltajax.containers import LinearStats
 from deltajax.methods import DeltaCoMe
 
@@ -57,9 +60,18 @@ def _synthetic(key, n, k):
                           count=jnp.float32(x.shape[0]))
 
 
+def _floor_bytes(m, n, k) -> int:
+    """Bytes one compression must move at least: Δ and H read in fp32, the container written."""
+    out = jax.eval_shape(lambda d, h: m.compress(d, stats=LinearStats(
+        hessian=h, mean=jnp.zeros((k,)), sq=jnp.zeros((k,)), count=jnp.float32(1))),
+        jax.ShapeDtypeStruct((n, k), jnp.float32), jax.ShapeDtypeStruct((k, k), jnp.float32))
+    return 4 * (n * k + k * k) + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(out))
+
+
 def main(argv):
-    del argv
-    dev = jax.devices()[0]
+    cli.no_extra_args(argv)
+    bw = C.copy_bandwidth()
+    print(f"copy bandwidth {C.fmt_bandwidth(bw)}", flush=True)
     shapes = _shapes(FLAGS.hidden, FLAGS.ffn)
     gen = jax.jit(_synthetic, static_argnums=(1, 2))
     results = {}
@@ -70,19 +82,15 @@ def main(argv):
         compile_s = {}
         for name, n, k in shapes:  # compile (and warm) once per shape
             d, st = gen(jax.random.PRNGKey(0), n, k)
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(d, st))
-            compile_s[name] = time.perf_counter() - t0
+            compile_s[name] = C.timed(fn, d, st)[1]
         layers_run = FLAGS.layers if variant == FLAGS.svd[0] else 1
         t_start = time.perf_counter()
         for layer in range(layers_run):
             if time.perf_counter() - t_start > FLAGS.max_seconds:
                 break
             for j, (name, n, k) in enumerate(shapes):
-                d, st = jax.block_until_ready(gen(jax.random.PRNGKey(1000 * layer + j), n, k))
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(d, st))
-                per[name].append(time.perf_counter() - t0)
+                d, st = C.block(gen(jax.random.PRNGKey(1000 * layer + j), n, k))
+                per[name].append(C.timed(fn, d, st)[1])
             print(f"[{variant}] layer {layer}: {sum(v[-1] for v in per.values()):.2f} s",
                   flush=True)
         med = {k: statistics.median(v) for k, v in per.items()}
@@ -90,37 +98,35 @@ def main(argv):
         measured = sum(sum(v) for v in per.values())
         results[variant] = dict(med=med, compile=compile_s, layers=done, measured=measured,
                                 model=FLAGS.layers * sum(med.values()),
-                                alloc={name: m.allocation(n, k) for name, n, k in shapes})
-    lines = [
-        "# Delta-CoMe compression time, Llama-2-7B-shaped delta",
-        "",
-        f"- date: {datetime.date.today().isoformat()}; device: {dev.platform} "
-        f"({getattr(dev, 'device_kind', '')}); jax {jax.__version__}",
-        f"- command: `python {' '.join(sys.argv)}`",
+                                alloc={name: m.allocation(n, k) for name, n, k in shapes},
+                                floor={name: _floor_bytes(m, n, k) for name, n, k in shapes})
+    lines = C.header("Delta-CoMe compression time, Llama-2-7B-shaped delta", [
+        f"- copy bandwidth (device-to-device copy, read + write, this run): "
+        f"{C.fmt_bandwidth(bw)}; % of copy floor = (bytes of Δ + H read in fp32 and of the "
+        "container written) / bandwidth / measured time",
         f"- {FLAGS.layers} layers × 7 matrices (hidden {FLAGS.hidden}, MLP {FLAGS.ffn}), "
         f"α = 1/{round(1 / FLAGS.ratio)}, true-byte budget; synthetic long-tailed deltas and "
         "correlated-input Hessians generated on the device (not timed); GPTQ asym g128, "
         "act-order (static groups); target: whole model ≤ 5 min",
         "",
-        "| SVD | matrix | shape | bands (bits, rank) | compile s | median s / matrix |",
-        "|---|---|---|---|---:|---:|",
-    ]
-    for variant, r in results.items():
-        for name, n, k in shapes:
-            lines.append(f"| {variant} | {name} | {n}×{k} | {r['alloc'][name]} | "
-                         f"{r['compile'][name]:.1f} | {r['med'][name]:.3f} |")
-    lines += ["", "| SVD | layers timed | measured s | whole model (32 × 7 medians) s | "
-              "target ≤ 300 s |", "|---|---:|---:|---:|---|"]
-    for variant, r in results.items():
-        ok = "met" if r["model"] <= 300 else "missed"
-        lines.append(f"| {variant} | {r['layers']} | {r['measured']:.1f} | {r['model']:.1f} | "
-                     f"{ok} |")
+    ])
+    lines += C.table(
+        ["SVD", "matrix", "shape", "bands (bits, rank)", "compile s", "median s / matrix",
+         "% of copy floor"],
+        [(variant, name, f"{n}×{k}", r["alloc"][name], f"{r['compile'][name]:.1f}",
+          f"{r['med'][name]:.3f}", f"{C.pct_of_floor(r['floor'][name], r['med'][name], bw):.3g}")
+         for variant, r in results.items() for name, n, k in shapes],
+        align="llllrrr")
+    lines += [""] + C.table(
+        ["SVD", "layers timed", "measured s", f"whole model ({FLAGS.layers} × 7 medians) s",
+         "target ≤ 300 s"],
+        [(variant, r["layers"], f"{r['measured']:.1f}", f"{r['model']:.1f}",
+          "met" if r["model"] <= 300 else "missed") for variant, r in results.items()],
+        align="lrrrl")
     text = "\n".join(lines) + "\n"
     print(text)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(text)
+    C.write_markdown(FLAGS.out, text)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,6 +1,6 @@
 r"""Bolaco on a real pair: feature-based vs plain SVD at equal rank, BO vs uniform rank allocation.
 
-  python scripts/bench_bolaco.py --base=smollm2 \
+  python benchmarks/bench_bolaco.py --base=smollm2 \
       --finetuned=~/.cache/deltajax/smollm2-gsm8k-ft --out=benchmarks/bolaco.md
 
 1. At ratios α (default 1/16, 1/32, 1/64) and equal ranks: LowRank (plain SVD), FeatureLowRank
@@ -21,17 +21,15 @@ and command.
 
 from __future__ import annotations
 
-import datetime
-import sys
 import time
 
+import _common as C
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from deltajax import accounting, delta
+from deltajax import accounting, cli, delta
 from deltajax import data as D
-from deltajax.eval import harness as E
 from deltajax.io.resolve import load_model
 from deltajax.methods import FeatureLowRank, Keep, LowRank
 from deltajax.methods.featlowrank import output_error
@@ -60,10 +58,13 @@ flags.DEFINE_integer("obj_windows", 2, "Held-out GSM8K windows of the BO objecti
 
 
 def main(argv):
-    del argv
+    cli.no_extra_args(argv)
     t_start = time.perf_counter()
-    base, cfg, tok, _ = load_model(FLAGS.base)
-    ft, _, _, _ = load_model(FLAGS.finetuned)
+    with cli.about("base"):
+        base, cfg, tok, _ = load_model(FLAGS.base)
+    with cli.about("finetuned"):
+        ft, ft_cfg, _, _ = load_model(FLAGS.finetuned)
+        delta.check_pair(base, ft, base_cfg=cfg, ft_cfg=ft_cfg)
     deltas = delta.extract(base, ft)
     L = FLAGS.eval_seq_len
     held = D.read_texts(D.default_file("gsm8k_heldout"), split="heldout")
@@ -75,16 +76,12 @@ def main(argv):
     calib = calibrate.calibration_windows(tok, num_windows=FLAGS.calib_windows,
                                           seq_len=FLAGS.calib_seq_len)
 
-    def ppl(p):
-        return (E.perplexity(p, cfg, gsm, progress=False)["ppl"],
-                E.perplexity(p, cfg, wiki, progress=False)["ppl"])
-
     # non-projection leaves keep a bf16 delta, as in every compressed checkpoint here
     kept = delta.compress(base, ft, (Rule(PROJ_PATTERN, None), Rule(r".*", Keep())),
                           progress=False)
     base_kept = delta.merge(base, kept)
     shapes = {n: tuple(x.shape) for n, x in flatten(base).items()}
-    pb, pf = ppl(base), ppl(ft)
+    pb, pf = C.perplexities(base, cfg, gsm, wiki), C.perplexities(ft, cfg, gsm, wiki)
     print(f"base {pb}, fine-tune {pf} ({time.perf_counter() - t_start:.0f} s)", flush=True)
     stats = calibrate.collect_stats(ft, cfg, calib, pool_size=FLAGS.pool_size, batch_size=8,
                                     progress=True)
@@ -133,10 +130,10 @@ def main(argv):
             t1 = time.perf_counter()
             oe = out_err(comp)
             if mergeable:
-                pc = ppl(delta.merge(base_kept, comp))
+                pc = C.perplexities(delta.merge(base_kept, comp), cfg, gsm, wiki)
             else:  # the bias cannot be merged: on the fly, at the fixed masked shapes
-                pc = ppl(delta.attach(base_kept, RS.masked_containers(
-                    facts["pooled"].with_cap(top, 1.0), uni)))
+                pc = C.perplexities(delta.attach(base_kept, RS.masked_containers(
+                    facts["pooled"].with_cap(top, 1.0), uni)), cfg, gsm, wiki)
             acc = accounting.account(full(comp), shapes)
             rows.append((f"1/{1 / a:.0f}", label, acc["linear_ratio"], oe, pc[0], pc[1],
                          (pb[0] - pc[0]) / (pb[0] - pf[0])))
@@ -156,16 +153,18 @@ def main(argv):
         comp = RS.compress_with_ranks(fact, res.ranks)
         acc = accounting.account(full(comp), shapes)
         if fact.method.mergeable:
-            pc = ppl(delta.merge(base_kept, comp))
+            pc = C.perplexities(delta.merge(base_kept, comp), cfg, gsm, wiki)
         else:
-            pc = ppl(delta.attach(base_kept, RS.masked_containers(fact, res.ranks)))
+            pc = C.perplexities(delta.attach(base_kept, RS.masked_containers(fact, res.ranks)),
+                                cfg, gsm, wiki)
         if a in uniform_cache and FLAGS.bo_mode == "uncentered":
             pu, ru = uniform_cache[a]
         else:
             uc = RS.compress_with_ranks(fact, res.uniform_ranks)
             ru = accounting.account(full(uc), shapes)["linear_ratio"]
-            pu = (ppl(delta.merge(base_kept, uc)) if fact.method.mergeable else
-                  ppl(delta.attach(base_kept, RS.masked_containers(fact, res.uniform_ranks))))
+            pu_params = (delta.merge(base_kept, uc) if fact.method.mergeable else
+                         delta.attach(base_kept, RS.masked_containers(fact, res.uniform_ranks)))
+            pu = C.perplexities(pu_params, cfg, gsm, wiki)
         bo_rows.append((a, res, acc["linear_ratio"], pc, ru, pu))
         print(f"BO 1/{1 / a:.0f}: {res.ranks_by_type} objective {res.objective:.4f} vs uniform "
               f"{res.uniform_objective:.4f}; held-out {pc} vs uniform {pu} "
@@ -178,15 +177,9 @@ def _write(rows, bo_rows, v):
     calib, gsm, wiki, held_stats, obj_toks = (v["calib"], v["gsm"], v["wiki"], v["held_stats"],
                                               v["obj_toks"])
     pb, pf, L = v["pb"], v["pf"], v["L"]
-    dev = jax.devices()[0]
     total = time.perf_counter() - v["t_start"]
-    lines = [
-        "# Bolaco: feature-based low rank and Bayesian rank allocation on a real pair",
-        "",
-        f"- date: {datetime.date.today().isoformat()}; device: {dev.platform} "
-        f"({getattr(dev, 'device_kind', '')}), shared 2-core CPU; jax {jax.__version__}; "
-        f"total {total / 60:.1f} min",
-        f"- command: `python {' '.join(sys.argv)}`",
+    lines = C.header("Bolaco: feature-based low rank and Bayesian rank allocation on a real pair", [
+        f"- total {total / 60:.1f} min",
         f"- base: {FLAGS.base}; fine-tune: {FLAGS.finetuned}",
         f"- statistics: one pass of the fine-tune over {calib.shape[0]} × {calib.shape[1]} "
         f"tokens of the GSM8K train split (not sequential), pooled covariance over pools of "
@@ -205,7 +198,7 @@ def _write(rows, bo_rows, v):
         "",
         "| α | method | linear ratio | output error | GSM8K ppl | WikiText-2 ppl | gain kept |",
         "|---|---|---:|---:|---:|---:|---:|",
-    ]
+    ])
     for r in rows:
         lines.append(f"| {r[0]} | {r[1]} | {r[2]:.2f}x | {r[3]:.4f} | {r[4]:.3f} | {r[5]:.3f} | "
                      f"{100 * r[6]:.1f}% |")
@@ -239,10 +232,9 @@ def _write(rows, bo_rows, v):
         f"1/{1 / a:.0f}: {res.seconds:.0f} s ({sum(not t['cached'] for t in res.trials)} "
         "distinct allocations evaluated)" for a, res, *_ in bo_rows)]
     text = "\n".join(lines) + "\n"
-    with open(FLAGS.out, "w") as f:
-        f.write(text)
+    C.write_markdown(FLAGS.out, text)
     print(text)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

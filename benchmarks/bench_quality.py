@@ -1,6 +1,6 @@
 r"""Regenerate benchmarks/quality.md: every method of configs/eval_sweep.py on the real pair.
 
-  python scripts/bench_quality.py --finetuned=~/.cache/deltajax/smollm2-gsm8k-ft
+  python benchmarks/bench_quality.py --finetuned=~/.cache/deltajax/smollm2-gsm8k-ft
 
 A thin wrapper of the harness: it is `scripts/eval.py --sweep=configs/eval_sweep.py
 --out=benchmarks/quality.md` (JSON `benchmarks/quality.json` and the PNG plots beside it), and
@@ -9,7 +9,8 @@ for a CPU run (greedy GSM8K generation is the slow part: 400 problems took > 20 
 2-core CPU; benchmarks/quality.md was made that way, ~2.5 min per row), `--resume` to fill in
 missing rows. The fine-tune is built by `scripts/finetune.py --base=smollm2
 --out=~/.cache/deltajax/smollm2-gsm8k-ft --steps=60 --batch_size=4 --seq_len=192 --lr=1e-4
---warmup_steps=6` (~15 min on a 2-core CPU).
+--warmup_steps=6` (~15 min on a 2-core CPU). The table's command line is the scripts/eval.py
+command this runs (the defaults above filled in).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ def main() -> None:
     extra = [f"{k}={v}" for k, v in DEFAULTS.items() if k not in given]
     script = REPO / "scripts" / "eval.py"
     sys.argv = [str(script), *extra, *sys.argv[1:]]
-    sys.path.insert(0, str(REPO))
     runpy.run_path(str(script), run_name="__main__")
 
 

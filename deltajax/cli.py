@@ -1,0 +1,207 @@
+"""The one template of the entry points in scripts/: flag errors and user errors as one line.
+
+    from deltajax import cli
+
+    _CONFIG = cli.define_run_config("config", "configs/rtn4.py", "Compression config file.")
+
+    def main(argv):
+        cli.no_extra_args(argv)
+        run_config = _CONFIG.value          # a deltajax.config.RunConfig, overrides applied
+        ...
+
+    if __name__ == "__main__":
+        cli.run(main)
+
+`run(main)` is `absl.app.run(main)` plus: a flag the parser rejects (missing required flag,
+bad enum value, unknown flag) and every user error the library raises (a missing file, a bad
+checkpoint, a delta for another base, a config field that does not exist: `OSError`,
+`ValueError` and their subclasses `CheckpointError`, `DeltaError`, `WrongBaseError`,
+`TenantError`, `ConfigError`) are printed as ONE line ``error: <message>`` on stderr with exit
+code 1 and no traceback. ``DELTAJAX_TRACEBACK=1`` re-raises them (for debugging).
+Run-config overrides ``--config.<field>=v`` / ``--config.method.<field>=v`` are taken out of
+argv before absl parses it and applied, typed, by `deltajax.config.apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from absl import app, flags
+
+from deltajax import config as C
+
+# flags defined here (the run-config flag) belong to the script that calls define_run_config
+flags.disclaim_key_flags()
+
+_REPO = Path(__file__).resolve().parents[1]
+
+USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, app.UsageError)
+
+_CONFIG_FLAGS: dict[str, _RunConfigFlag] = {}
+
+
+class _RunConfigFlag:
+    """Holder of a run-config flag: `.value` is the loaded `RunConfig` (after `run` parsed it)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.overrides: list[tuple[str, str]] = []
+        self._value: C.RunConfig | None = None
+        self._loaded = False
+
+    def load(self) -> C.RunConfig:
+        path = Path(flags.FLAGS[self.name].value).expanduser()
+        if not path.is_absolute() and not path.exists() and (_REPO / path).exists():
+            path = _REPO / path  # the default configs/x.py from outside the repository root
+        cfg = C.load_config(path, flag=self.name)
+        self._value = C.apply_overrides(cfg, self.overrides, flag=self.name)
+        self._loaded = True
+        return self._value
+
+    @property
+    def value(self) -> C.RunConfig:
+        if not self._loaded:
+            self.load()
+        return self._value
+
+
+def define_run_config(name: str, default: str | None, help: str, *,
+                      required: bool = False) -> _RunConfigFlag:
+    """A ``--<name>=configs/x.py`` flag whose file returns a `RunConfig`, plus typed overrides
+    ``--<name>.<field>=v`` and ``--<name>.method.<field>=v`` of every field (None defaults too).
+    """
+    run_fields = ", ".join(f for f in C.RUN_FIELDS if f != "method")
+    flags.DEFINE_string(
+        name, default,
+        f"{help} A configs/*.py file whose get_config() returns a deltajax.config.RunConfig. "
+        f"Override any field with --{name}.<field>=value ({run_fields}), any field of the "
+        f"method with --{name}.method.<field>=value (e.g. --{name}.method.rank=64; 'None' sets "
+        f"an optional field back to None), or swap the method with --{name}.method=<name>.",
+        required=required)
+    holder = _RunConfigFlag(name)
+    _CONFIG_FLAGS[name] = holder
+    return holder
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
+    """(argv without config overrides, {flag name: [(key, text), ...]}) for the defined
+    run-config flags; both ``--config.a.b=v`` and ``--config.a.b v`` are accepted."""
+    rest, found = [argv[0]] if argv else [], {n: [] for n in _CONFIG_FLAGS}
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            rest += argv[i:]
+            break
+        hit = next((n for n in _CONFIG_FLAGS if a.startswith(f"--{n}.")), None)
+        if hit is None:
+            rest.append(a)
+            i += 1
+            continue
+        body = a[len(hit) + 3:]
+        if "=" in body:
+            key, text = body.split("=", 1)
+        elif i + 1 < len(argv):
+            key, text = body, argv[i + 1]
+            i += 1
+        else:
+            raise app.UsageError(f"--{hit}.{body} needs a value (--{hit}.{body}=...)")
+        found[hit].append((key, text))
+        i += 1
+    return rest, found
+
+
+class UserError(ValueError):
+    """A user mistake re-raised with the flag it came from (`about`)."""
+
+
+@contextlib.contextmanager
+def about(flag: str):
+    """Prefix user errors raised inside with ``--flag: `` (e.g. a model that does not load)::
+
+        with cli.about("base"):
+            base, cfg, tok, _ = load_model(FLAGS.base)
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except USER_ERRORS as e:
+        msg = str(e)
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        raise UserError(msg if msg.startswith(f"--{flag}") else f"--{flag}: {msg}") from e
+
+
+def no_extra_args(argv: Sequence[str]) -> None:
+    """Raise a usage error for positional arguments (absl passes them through to main)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def fail(message: str) -> None:
+    """Print ``error: <message>`` (one line) on stderr and exit 1."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _debug() -> bool:
+    return os.environ.get("DELTAJAX_TRACEBACK", "") not in ("", "0")
+
+
+_HELP = {"--help": True, "-h": True, "-?": True, "--helpshort": True, "--helpfull": False}
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    given = [a for a in argv[1:] if a in _HELP]
+    if given:  # absl's help flags exit 1; a help request is not a failure
+        app.usage(shorthelp=_HELP[given[0]], writeto_stdout=True)
+        sys.exit(0)
+    try:
+        rest, found = split_overrides(argv)
+        for name, ov in found.items():
+            _CONFIG_FLAGS[name].overrides = ov
+        return flags.FLAGS(rest)
+    except (flags.Error, app.UsageError) as e:
+        if _debug():
+            raise
+        fail(str(e))
+
+
+def run(main: Callable[[list[str]], None], *,
+        user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """`absl.app.run(main)` with flag and user errors as one ``error:`` line, exit code 1.
+
+    Args:
+      main: the script's ``main(argv)``.
+      user_errors: further exception types that are the user's mistake (e.g. ImportError
+        for a missing optional dependency).
+    """
+    errors = USER_ERRORS + tuple(user_errors)
+
+    def wrapped(argv):
+        try:
+            for holder in _CONFIG_FLAGS.values():
+                if flags.FLAGS[holder.name].value is not None:
+                    holder.load()  # a bad file or override fails before any work
+                elif holder.overrides:
+                    raise app.UsageError(f"--{holder.name}.{holder.overrides[0][0]} given "
+                                         f"without --{holder.name}=<file>")
+            main(argv)
+        except errors as e:
+            if _debug():
+                raise
+            msg = str(e) or type(e).__name__
+            if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+                msg = f"{e.filename}: {msg}"
+            fail(msg)
+
+    app.run(wrapped, flags_parser=_parse_flags)
+
+
+__all__ = ["USER_ERRORS", "UserError", "about", "define_run_config", "fail", "no_extra_args",
+           "run", "split_overrides"]
