@@ -16,6 +16,7 @@ LAYERS = {
     "pallas_kernels": 0,
     "deltajax.tree": 0,
     "deltajax.data": 0,
+    "deltajax.quant": 0,
     "deltajax.ops": 1,
     "deltajax.model": 1,
     "deltajax.parallel.sharding": 1,
@@ -31,7 +32,7 @@ LAYERS = {
     "deltajax.serve": 6,
     "deltajax.eval": 6,
     "deltajax.train": 6,
-    "deltajax.config": 6,
+    "deltajax.config": 4,
     "deltajax.cli": 7,
     "deltajax": 7,
 }

@@ -35,7 +35,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from deltajax.containers import dequant_codes, minmax_params, quantize_codes
+from deltajax.quant import dequant_codes, minmax_params, quantize_codes
 from pallas_kernels import packing
 
 _HI = jax.lax.Precision.HIGHEST
