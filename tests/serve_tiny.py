@@ -2,7 +2,7 @@
 
     cfg, base = tiny_model()
     tok = tiny_tokenizer()                        # WordLevel, 300 tokens, a chat template
-    comps = tiny_finetunes(base)                  # {"ft-rtn": {...}, "ft-lr": {...}, "ft-bd": {...}}
+    comps = tiny_finetunes(base)                  # {"ft-rtn": ..., "ft-lr": ..., "ft-bd": ...}
     write_tiny_checkpoint(tmp_path, base, comps)  # HF dir + tokenizer + saved deltas
 
 The fine-tunes differ in method and in which non-projection leaves carry a delta, so a mixed

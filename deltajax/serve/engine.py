@@ -703,6 +703,8 @@ class Engine:
       kv_dtype: KV cache dtype (default: the embedding dtype, as `generate` uses).
       implementation, interpret: multi-tenant kernel choice (see `serve.multitenant`).
       seed: seeds the engine's draws of seeds for requests that give none.
+      dtype: cast the base weights to this dtype (after fingerprinting them: deltas are checked
+        against the stored base).
     """
 
     def __init__(
@@ -712,6 +714,7 @@ class Engine:
         prefill_buckets: Sequence[int] | None = None, max_queue: int = 1024,
         prefills_per_step: int = 1, default_max_tokens: int = 256, kv_dtype=None,
         implementation: str = "auto", interpret: bool = False, seed: int | None = None,
+        dtype=None,
     ):
         if slots < 1 or max_len < 2 or pool_capacity < 1 or max_queue < 1 or \
                 prefills_per_step < 1 or default_max_tokens < 1:
@@ -732,6 +735,11 @@ class Engine:
         self.buckets, self.max_queue = buckets, max_queue
         self.prefills_per_step, self.default_max_tokens = prefills_per_step, default_max_tokens
         self.implementation, self.interpret = implementation, interpret
+        self._tok_lock = threading.Lock()
+        self._base_fp: str | None = None
+        if dtype is not None:  # deltas are checked against the stored base: fingerprint first
+            self._fingerprint_of(params)
+            params = jax.tree.map(lambda w: w.astype(dtype), params)
         self._base = params
         self._base_flat = flatten(params)
         self._kv_dtype = kv_dtype or getattr(params["embed_tokens"]["weight"], "dtype",
@@ -745,7 +753,6 @@ class Engine:
         self._rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
         self._ids = itertools.count()
         self._clock = itertools.count(1)
-        self._tok_lock = threading.Lock()
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._control: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -793,17 +800,8 @@ class Engine:
             raise FineTuneError(f"{name!r} is the base model's name", param="lora_name")
         src = None
         if isinstance(source, (str, os.PathLike)):
-            from deltajax.io import delta_ckpt
-            from deltajax.io.params_ckpt import CheckpointError
-
             src = os.fspath(source)
-            if not os.path.isdir(src):
-                raise FineTuneError(f"delta path {src} is not a directory", param="lora_path")
-            try:
-                compressed, _ = delta_ckpt.load_delta(src, base_params=self._base, cfg=self.cfg)
-            except (delta_ckpt.WrongBaseError, CheckpointError) as e:
-                raise FineTuneError(str(e), param="lora_path", code="wrong_base" if isinstance(
-                    e, delta_ckpt.WrongBaseError) else "bad_checkpoint") from e
+            compressed = self._read_delta(src)
         else:
             compressed = dict(source)
         if not compressed:
@@ -811,6 +809,40 @@ class Engine:
         layout, arrays = pack_finetune(compressed, self._base_flat)
         ft = _FineTune(name=name, source=src, layout=layout, arrays=arrays)
         return self._in_engine(lambda: self._register(ft))
+
+    def _fingerprint_of(self, params) -> str:
+        from deltajax.io import delta_ckpt
+
+        if self._base_fp is None:
+            self._base_fp = delta_ckpt.fingerprint(params)
+        return self._base_fp
+
+    def _fingerprint(self) -> str:
+        return self._fingerprint_of(self._base)
+
+    def _read_delta(self, path: str) -> dict[str, DeltaLeaf]:
+        """`io.delta_ckpt.load_delta` of `path`, refused unless it was made from this base
+        (the base fingerprint, computed once, before any `dtype` cast; and the config)."""
+        from deltajax.io import delta_ckpt
+        from deltajax.io.params_ckpt import CheckpointError
+
+        if not os.path.isdir(path):
+            raise FineTuneError(f"delta path {path} is not a directory", param="lora_path")
+        try:
+            meta = delta_ckpt.read_delta_meta(path)
+            fp = self._fingerprint()
+            if meta.get("base_fingerprint") != fp:
+                raise delta_ckpt.WrongBaseError(
+                    f"{path}: this delta was made from a different base model (fingerprint "
+                    f"{meta.get('base_fingerprint')} != {fp}); load it onto the base it was "
+                    "compressed against")
+            compressed, _ = delta_ckpt.load_delta(path, cfg=self.cfg, check_base=False)
+        except delta_ckpt.WrongBaseError as e:
+            raise FineTuneError(str(e), param="lora_path", code="wrong_base") from None
+        except (CheckpointError, OSError, KeyError, ValueError) as e:
+            raise FineTuneError(f"cannot load the delta at {path}: {e}", param="lora_path",
+                                code="bad_checkpoint") from None
+        return compressed
 
     def unload(self, name: str) -> None:
         """Unregister fine-tune `name`; its pool index is freed once its requests are done.
@@ -983,6 +1015,7 @@ class Engine:
             self._decode_step(np.zeros(self.slots, bool))
 
         self._in_engine(run)
+        self._stats["warmups"] += 1
         return time.perf_counter() - t0
 
     def metrics(self) -> dict[str, Any]:
@@ -1115,7 +1148,7 @@ class Engine:
         pool = _Pool(spec=spec, arrays=arrays, free=list(range(self.pool_capacity))[::-1],
                      resident={})
         self._pools.append(pool)
-        if len(self._pools) > 1 or self._stats["decode_steps"]:
+        if self._stats["prefills"] or self._stats["warmups"]:
             log.warning("new delta pool %d: %s; prefill and decode compile once more for it",
                         len(self._pools) - 1, spec.describe())
         return pool
