@@ -28,7 +28,8 @@ from deltajax.methods import RTN, BitDelta, Keep, LowRank
 
 VOCAB = 300
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"]
-CFG = M.ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+# intermediate = hidden: the projections have two shapes only (fewer compiles when compressing)
+CFG = M.ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "

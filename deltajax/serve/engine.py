@@ -304,7 +304,8 @@ class LeafSpec:
     avals: tuple  # ((shape, dtype name), ...) of the container leaves (one array otherwise)
 
     def zeros(self, capacity: int):
-        arrays = [jnp.zeros((capacity, *s), d) for s, d in self.avals]
+        # numpy, then one transfer each: no per-shape compile of a jnp.zeros
+        arrays = [jax.device_put(np.zeros((capacity, *s), d)) for s, d in self.avals]
         return jax.tree.unflatten(self.treedef, arrays)
 
 
@@ -422,14 +423,15 @@ class SlotState:
     def create(cls, cfg: M.ModelConfig, slots: int, max_len: int, dtype) -> SlotState:
         shape = (slots, max_len, cfg.num_key_value_heads, cfg.head_dim)
         n = cfg.num_hidden_layers
-        def zi(fill=0):  # distinct buffers: the whole state is donated
-            return jnp.full((slots,), fill, jnp.int32)
+        def z(shape, dt, fill=0):  # distinct device buffers (the state is donated), no compile
+            return jax.device_put(np.full(shape, fill, dt))
 
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(n)), pos=zi(), last=zi(),
-                   gen=zi(), pool=zi(-1), index=zi(-1),
-                   temperature=jnp.zeros((slots,), jnp.float32), top_k=zi(),
-                   top_p=jnp.ones((slots,), jnp.float32), key=jnp.zeros((slots, 2), jnp.uint32))
+        return cls(k=tuple(z(shape, dtype) for _ in range(n)),
+                   v=tuple(z(shape, dtype) for _ in range(n)), pos=z(slots, np.int32),
+                   last=z(slots, np.int32), gen=z(slots, np.int32),
+                   pool=z(slots, np.int32, -1), index=z(slots, np.int32, -1),
+                   temperature=z(slots, np.float32), top_k=z(slots, np.int32),
+                   top_p=z(slots, np.float32, 1), key=z((slots, 2), np.uint32))
 
 
 _STATIC = ("cfg", "specs", "implementation", "interpret")
