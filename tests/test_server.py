@@ -327,7 +327,7 @@ def test_32_concurrent_requests_over_three_finetunes_and_base(server):
 
 def test_script_user_errors(server, tmp_path):
     """Flag mistakes: one error: line and exit code 1, before any model is loaded."""
-    from deltajax.serve import cli
+    from deltajax.serve.server import parse_delta_specs
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     script = str(REPO / "scripts" / "serve.py")
@@ -343,7 +343,7 @@ def test_script_user_errors(server, tmp_path):
     for values, msg in [(["oops"], "is not name=path"), ([f"a={tmp_path}", f"a={tmp_path}"],
                                                         "given twice"),
                         ([f"a={tmp_path / 'none'}"], "no such directory")]:
-        with pytest.raises(SystemExit, match=msg):
-            cli.parse_deltas(values)
-    assert cli.parse_deltas([f"a={tmp_path}, b={tmp_path}"]) == {"a": str(tmp_path),
-                                                                 "b": str(tmp_path)}
+        with pytest.raises(ValueError, match=msg):
+            parse_delta_specs(values)
+    assert parse_delta_specs([f"a={tmp_path}, b={tmp_path}"]) == {"a": str(tmp_path),
+                                                                  "b": str(tmp_path)}

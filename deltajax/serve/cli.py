@@ -23,7 +23,6 @@ the script share them.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from pathlib import Path
@@ -60,22 +59,13 @@ flags.DEFINE_enum("log_level", "info", ["critical", "error", "warning", "info", 
 
 
 def parse_deltas(values: list[str]) -> dict[str, str]:
-    """{name: path} of --delta values 'name=path[,name=path...]' (SystemExit on a mistake)."""
-    out: dict[str, str] = {}
-    for v in (x.strip() for s in values for x in s.split(",")):
-        if not v:
-            continue
-        name, sep, path = v.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise SystemExit(f"error: --delta entry {v!r} is not name=path")
-        if name in out:
-            raise SystemExit(f"error: --delta name {name!r} is given twice")
-        p = Path(os.path.expanduser(path))
-        if not p.is_dir():
-            raise SystemExit(f"error: --delta {name}={path}: no such directory")
-        out[name] = str(p)
-    return out
+    """`server.parse_delta_specs`, a mistake as SystemExit("error: ...")."""
+    from deltajax.serve.server import parse_delta_specs
+
+    try:
+        return parse_delta_specs(values)
+    except ValueError as e:
+        raise SystemExit(f"error: --delta {e}") from None
 
 
 def _check_port(host: str, port: int) -> None:

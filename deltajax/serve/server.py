@@ -35,9 +35,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -483,6 +486,30 @@ def prometheus_text(m: dict, http_errors: Counter | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------ serve
+
+
+def parse_delta_specs(values: Sequence[str]) -> dict[str, str]:
+    """{name: path} of 'name=path[,name=path...]' strings (the --delta flag).
+
+    Raises:
+      ValueError: an entry that is not name=path, a name given twice, or a path that is not a
+        directory.
+    """
+    out: dict[str, str] = {}
+    for v in (x.strip() for s in values for x in s.split(",")):
+        if not v:
+            continue
+        name, sep, path = v.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"entry {v!r} is not name=path")
+        if name in out:
+            raise ValueError(f"name {name!r} is given twice")
+        p = Path(os.path.expanduser(path))
+        if not p.is_dir():
+            raise ValueError(f"{name}={path}: no such directory")
+        out[name] = str(p)
+    return out
 
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000,
