@@ -784,8 +784,9 @@ class Engine:
 
         Args:
           name: the model name requests will use.
-          source: a saved delta directory (checked against the base fingerprint and config by
-            `io.delta_ckpt.load_delta`) or an in-memory {leaf: DeltaLeaf}.
+          source: a saved delta directory (read by `io.delta_ckpt.load_delta`; refused unless
+            its base fingerprint, `io.delta_ckpt.fingerprint` of this base computed once, and
+            its config match) or an in-memory {leaf: DeltaLeaf}.
 
         Returns:
           {"name", "pool", "index", "resident", "layout"}.
@@ -800,12 +801,20 @@ class Engine:
                                 param="lora_name")
         if name == self.base_name:
             raise FineTuneError(f"{name!r} is the base model's name", param="lora_name")
+        with self._cv:  # early, before reading a checkpoint (checked again when registering)
+            if name in self._finetunes:
+                raise FineTuneError(f"a fine-tune named {name!r} is already loaded; unload it "
+                                    "first", param="lora_name", code="already_loaded")
         src = None
         if isinstance(source, (str, os.PathLike)):
             src = os.fspath(source)
             compressed = self._read_delta(src)
         else:
             compressed = dict(source)
+            bad = [k for k, v in compressed.items() if not isinstance(v, DeltaLeaf)]
+            if bad:
+                raise FineTuneError(f"fine-tune {name!r}: {bad[:3]} are not DeltaLeaf values "
+                                    "(compress with delta.compress_tree)", param="lora_path")
         if not compressed:
             raise FineTuneError(f"fine-tune {name!r}: the delta has no leaves", param="lora_path")
         layout, arrays = pack_finetune(compressed, self._base_flat)
@@ -1017,7 +1026,7 @@ class Engine:
             self._decode_step(np.zeros(self.slots, bool))
 
         self._in_engine(run)
-        self._stats["warmups"] += 1
+        self._count("warmups")
         return time.perf_counter() - t0
 
     def metrics(self) -> dict[str, Any]:
@@ -1051,6 +1060,10 @@ class Engine:
             return self._iterate()
 
     # ------------------------------------------------------------------------------ internals
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._cv:  # metrics() copies the counters from other threads
+            self._stats[key] += n
 
     def _names(self) -> list[str]:
         return [self.base_name] + sorted(self._finetunes)
@@ -1120,7 +1133,7 @@ class Engine:
             self._finetunes[ft.name] = ft
         pool = self._pool_for(ft.layout)
         resident = self._make_resident(ft, pool)
-        self._stats["loads"] += 1
+        self._count("loads")
         log.info("fine-tune %s registered (%s; %s)", ft.name, pool.spec.describe(),
                  "resident" if resident else "not resident: every pool index is busy")
         return {"name": ft.name, "pool": self._pools.index(pool), "index": ft.index,
@@ -1149,7 +1162,8 @@ class Engine:
         arrays = {ls.name: ls.zeros(self.pool_capacity) for ls in layout}
         pool = _Pool(spec=spec, arrays=arrays, free=list(range(self.pool_capacity))[::-1],
                      resident={})
-        self._pools.append(pool)
+        with self._cv:
+            self._pools.append(pool)
         if self._stats["prefills"] or self._stats["warmups"]:
             log.warning("new delta pool %d: %s; prefill and decode compile once more for it",
                         len(self._pools) - 1, spec.describe())
@@ -1164,21 +1178,29 @@ class Engine:
                 return False
             victim = min(idle, key=lambda f: f.last_used)
             self._evict(victim)
-            self._stats["evictions"] += 1
+            self._count("evictions")
             log.info("evicted idle fine-tune %s (least recently used) for %s", victim.name,
                      ft.name)
-        i = pool.free.pop()
-        pool.arrays = _pool_write(pool.arrays, ft.arrays, np.int32(i))
-        pool.resident[i] = ft
-        ft.pool, ft.index = self._pools.index(pool), i
-        self._stats["pool_writes"] += 1
+        with self._cv:
+            i = pool.free.pop()
+        try:
+            pool.arrays = _pool_write(pool.arrays, ft.arrays, np.int32(i))
+        except BaseException:
+            with self._cv:
+                pool.free.append(i)
+            raise
+        with self._cv:
+            pool.resident[i] = ft
+            ft.pool, ft.index = self._pools.index(pool), i
+        self._count("pool_writes")
         return True
 
     def _evict(self, ft: _FineTune) -> None:
-        pool = self._pools[ft.pool]
-        del pool.resident[ft.index]
-        pool.free.append(ft.index)
-        ft.pool = ft.index = None
+        with self._cv:
+            pool = self._pools[ft.pool]
+            del pool.resident[ft.index]
+            pool.free.append(ft.index)
+            ft.pool = ft.index = None
 
     # the loop (engine thread) ----------------------------------------------------------------
 
@@ -1258,7 +1280,7 @@ class Engine:
                 free.insert(0, slot)
                 continue
             self._slot_req[slot] = r
-            self._stats["prefills"] += 1
+            self._count("prefills")
             self._on_token(slot, r, tok)
         return did
 
@@ -1296,7 +1318,7 @@ class Engine:
                     self._finish(s, r, "error", error=f"decode failed: {e}")
             self._state = SlotState.create(self.cfg, self.slots, self.max_len, self._kv_dtype)
             return
-        self._stats["decode_steps"] += 1
+        self._count("decode_steps")
         for s in np.flatnonzero(active):
             r = self._slot_req[s]
             if r is not None:
