@@ -264,6 +264,26 @@ def test_bad_requests_are_refused_and_cancel_frees_the_slot(setup, engine):
     assert o.token_ids == reference(setup, "ft-bd", PROMPTS[0])[0]
 
 
+def test_prefill_interleaves_with_decoding(setup, engine):
+    """While slots decode, at most `prefills_per_step` waiting requests are prefilled per
+    decode step: the running stream gets a token at every step."""
+    assert engine.prefills_per_step == 1 and not engine.running
+    long = engine.submit(PROMPTS[0], model="ft-rtn", max_tokens=40, ignore_eos=True)
+    engine.step()  # nothing was decoding: prefill, then one decode step
+    n0 = len(long.output_ids)
+    pre0 = engine.metrics()["stats"]["prefills"]
+    others = [engine.submit(p, model=m, max_tokens=4)
+              for p, m in zip(PROMPTS[1:3], ["base", "ft-lr"])]
+    for k in (1, 2):
+        engine.step()
+        assert engine.metrics()["stats"]["prefills"] == pre0 + k
+        assert len(long.output_ids) == n0 + k, "the running stream stalled during a prefill"
+    for r, (p, m) in zip(others, zip(PROMPTS[1:3], ["base", "ft-lr"])):
+        got = r.result().token_ids
+        assert got == reference(setup, m, p)[0][:len(got)] and len(got) in range(1, 5), (m, p)
+    assert long.result().completion_tokens == 40
+
+
 def test_background_thread_serves_concurrent_submitters(setup, engine):
     engine.start()
     try:
