@@ -749,6 +749,7 @@ class Engine:
         self._state = SlotState.create(cfg, slots, max_len, self._kv_dtype)
         self._slot_req: list[Request | None] = [None] * slots
         self._pools: list[_Pool] = []
+        self._static_kw: dict | None = None
         self._finetunes: dict[str, _FineTune] = {}
         self._stop_ids = frozenset(G.default_stop_ids(tokenizer)) if tokenizer is not None \
             else frozenset()
@@ -1291,8 +1292,11 @@ class Engine:
         return tuple(p.arrays for p in self._pools)
 
     def _static(self) -> dict:
-        return dict(cfg=self.cfg, specs=self._specs(), implementation=self.implementation,
-                    interpret=self.interpret)
+        n = len(self._pools)
+        if self._static_kw is None or len(self._static_kw["specs"]) != n:  # pools only grow
+            self._static_kw = dict(cfg=self.cfg, specs=self._specs(),
+                                   implementation=self.implementation, interpret=self.interpret)
+        return self._static_kw
 
     def _prefill(self, slot, ids, temperature, top_p, top_k, key, choice, *, pool_id=-1,
                  index=-1, bucket=None) -> int:
