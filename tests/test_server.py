@@ -347,3 +347,20 @@ def test_script_user_errors(server, tmp_path):
             parse_delta_specs(values)
     assert parse_delta_specs([f"a={tmp_path}, b={tmp_path}"]) == {"a": str(tmp_path),
                                                                   "b": str(tmp_path)}
+
+
+def test_api_key_in_process():
+    """create_app(api_key=...): /v1/ needs the bearer key (in process, the engine not started)."""
+    from fastapi.testclient import TestClient
+
+    from deltajax.serve.engine import Engine
+    from deltajax.serve.server import create_app
+
+    cfg, base = tiny_model()
+    eng = Engine(base, cfg, None, base_name=BASE, slots=1, max_len=16)
+    with TestClient(create_app(eng, start_engine=False, api_key="k1")) as tc:
+        r = tc.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = tc.get("/v1/models", headers={"Authorization": "Bearer k1"})
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [BASE]
+        assert tc.get("/health").status_code == 503  # open, and honest: no engine thread

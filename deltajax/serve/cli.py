@@ -15,7 +15,8 @@ directories (scripts/compress.py) as name=path, comma separated or repeated; eac
 against the base's fingerprint. --slots decode slots of --max_len positions each (prompt +
 completion); --pool fine-tunes resident per pool (one pool per delta layout; the least recently
 used idle one is evicted when a pool is full). Listens on --host (default 127.0.0.1: only this
-machine) at --port. --mesh is refused: the serving engine runs on one device for now.
+machine) at --port; --api_key (or $DELTAJAX_API_KEY) requires a bearer key on /v1/. --mesh is
+refused: the serving engine runs on one device for now.
 
 The flags live here (not in scripts/serve.py) so that the `deltajax-serve` console entry and
 the script share them.
@@ -23,6 +24,7 @@ the script share them.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -54,6 +56,8 @@ flags.DEFINE_enum("implementation", "auto", ["auto", "xla", "pallas_gpu", "palla
                   "Multi-tenant delta kernels.")
 flags.DEFINE_bool("warmup", True, "Compile every prefill bucket and the decode step before "
                   "listening.")
+flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer <key>' on /v1/ requests "
+                    "(default: the DELTAJAX_API_KEY environment variable, else open).")
 flags.DEFINE_enum("log_level", "info", ["critical", "error", "warning", "info", "debug"],
                   "uvicorn log level.")
 
@@ -141,7 +145,8 @@ def main(argv):
               f"{engine.warmup():.1f} s", flush=True)
     print(f"[serve] {FLAGS.slots} slots x {FLAGS.max_len} positions; listening on "
           f"http://{FLAGS.host}:{FLAGS.port}/v1", flush=True)
-    serve(engine, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level)
+    serve(engine, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level,
+          api_key=FLAGS.api_key or os.environ.get("DELTAJAX_API_KEY") or None)
 
 
 def run():

@@ -234,8 +234,13 @@ class _Run:
                 r.cancel()
 
 
-def create_app(engine: Engine, *, start_engine: bool = True) -> FastAPI:
-    """The FastAPI app serving `engine` (started in its background thread at startup)."""
+def create_app(engine: Engine, *, start_engine: bool = True,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (started in its background thread at startup).
+
+    With `api_key`, every /v1/ request must send ``Authorization: Bearer <api_key>`` (401
+    otherwise); /health and /metrics stay open.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -250,6 +255,16 @@ def create_app(engine: Engine, *, start_engine: bool = True) -> FastAPI:
     app = FastAPI(title="deltajax", lifespan=lifespan)
     http_errors: Counter = Counter()
     created = int(time.time())
+
+    if api_key:
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            if request.url.path.startswith("/v1/") and \
+                    request.headers.get("authorization") != f"Bearer {api_key}":
+                http_errors[401] += 1
+                return _error(401, "invalid or missing API key (Authorization: Bearer ...)",
+                              type="authentication_error", code="invalid_api_key")
+            return await call_next(request)
 
     @app.exception_handler(EngineError)
     async def _engine_error(request, e: EngineError):
@@ -513,9 +528,9 @@ def parse_delta_specs(values: Sequence[str]) -> dict[str, str]:
 
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
+          log_level: str = "info", api_key: str | None = None) -> None:
     """Run the server until interrupted (the engine thread starts with the app)."""
     import uvicorn
 
-    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level,
+    uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=5)
