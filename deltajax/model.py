@@ -179,7 +179,8 @@ def decoder_layer(
     kv: tuple[jax.Array, jax.Array] | None = None, write_at: jax.Array | None = None,
     taps: dict | None = None,
 ):
-    """One decoder layer. With `kv`, new keys/values are written into it at slot `write_at`.
+    """One decoder layer. With `kv`, new keys/values are written into it at slot `write_at`
+    (a scalar for every row, or a (batch,) array: one slot per row).
 
     With `taps` (a dict), the inputs of the linears are recorded into it under the names of the
     sub-blocks that share them: "qkv" (input of q/k/v_proj), "o", "gate_up", "down" (calibration
@@ -200,8 +201,11 @@ def decoder_layer(
     k = ops.apply_rope(k, positions, cfg.inv_freq)
     if kv is not None:
         ck, cv = kv
-        k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_at, 0, 0))
-        v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_at, 0, 0))
+        if jnp.ndim(write_at) == 1:  # serve.engine: one write position per row (decode slots)
+            k, v = _write_rows(ck, k, write_at), _write_rows(cv, v, write_at)
+        else:
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_at, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_at, 0, 0))
     o = ops.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     o = o.reshape(b, t, -1)
     h = h + _proj(o, a["o_proj"])
@@ -215,8 +219,18 @@ def decoder_layer(
     return h, (k, v)
 
 
+def _write_rows(cache: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
+    """cache (b, s, ...) with row r's `new[r]` (t, ...) written at slot at[r]."""
+    return jax.vmap(lambda c, n, a: jax.lax.dynamic_update_slice(
+        c, n.astype(c.dtype), (a,) + (0,) * (c.ndim - 1)))(cache, new, at)
+
+
 def embed(params: dict, tokens: jax.Array, dtype=None) -> jax.Array:
+    """Embedding rows of `tokens`. A weight with a `lookup(tokens)` method (serve.engine's
+    per-row table: each batch row adds its own fine-tune's embedding delta) is asked for them."""
     w = params["embed_tokens"]["weight"]
+    if hasattr(w, "lookup"):
+        return w.lookup(tokens).astype(dtype or _param_dtype(w))
     return jnp.take(w, tokens, axis=0).astype(dtype or _param_dtype(w))
 
 
