@@ -11,6 +11,8 @@ The curated API, one function per step (see README.md, "Library in brief"):
     params = dj.attach(base, comp)                            # Δ applied on the fly
     text = dj.generate(params, cfg, tok, ["What is 12 * 7?"], max_new_tokens=32)
     dj.export(dj.merge(base, comp), cfg, "/hf/merged", tokenizer_from="/hf/llama-math")
+    engine = dj.Engine(base, cfg, tok, deltas={"math": "/ckpt/math-rtn4"}, slots=8)
+    print(engine.generate(["What is 12 * 7?"], model="math")[0].text)   # continuous batching
 """
 
 from deltajax import methods
@@ -19,11 +21,12 @@ from deltajax.io.delta_ckpt import load_delta, save_delta
 from deltajax.io.hf import export_hf as export
 from deltajax.io.resolve import load_model
 from deltajax.model import ModelConfig, forward
+from deltajax.serve.engine import Engine
 from deltajax.serve.generate import generate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ModelConfig", "attach", "compress", "export", "extract", "forward", "generate",
+    "Engine", "ModelConfig", "attach", "compress", "export", "extract", "forward", "generate",
     "load_delta", "load_model", "merge", "methods", "save_delta",
 ]

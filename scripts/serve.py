@@ -6,15 +6,13 @@ Example:
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
       -d '{"model": "math", "prompt": "12*7=", "max_tokens": 8, "temperature": 0}'
 
-Same program as the `deltajax-serve` console entry; the flags and their help are in
-deltajax/serve/cli.py (python scripts/serve.py --helpfull lists them).
+Same program as the `deltajax-serve` console entry (`deltajax.serve.server.run`); `--help`
+lists the flags.
 """
 
 from __future__ import annotations
 
-from absl import app
-
-from deltajax.serve.cli import main
+from deltajax.serve.server import run
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -21,10 +21,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from deltajax import delta
+from deltajax import delta, methods
 from deltajax import model as M
-from deltajax.delta import Rule
 from deltajax.methods import RTN, BitDelta, Keep, LowRank
+from deltajax.tree import PROJ_PATTERN, Rule
 
 VOCAB = 300
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>"]
@@ -79,10 +79,10 @@ def finetune(base, seed: int, *, big: float = 0.0):
 
 
 RULES = {
-    "ft-rtn": delta.default_rules(RTN(bits=4, group=32), keep_other=True),
-    "ft-lr": (Rule(delta.PROJ_PATTERN, LowRank(rank=8)), Rule(r"norm\.weight$", Keep()),
+    "ft-rtn": methods.default_rules(RTN(bits=4, group=32), keep_other=True),
+    "ft-lr": (Rule(PROJ_PATTERN, LowRank(rank=8)), Rule(r"norm\.weight$", Keep()),
               Rule(".", None)),
-    "ft-bd": delta.default_rules(BitDelta(), keep_other=False),
+    "ft-bd": methods.default_rules(BitDelta(), keep_other=False),
 }
 SEEDS = {"ft-rtn": 101, "ft-lr": 102, "ft-bd": 103}
 BIG = {"ft-rtn": 0.5, "ft-lr": 0.3, "ft-bd": 0.0}
@@ -93,7 +93,7 @@ def tiny_finetunes(base, names=tuple(RULES)) -> dict[str, dict]:
     out = {}
     for n in names:
         ft = finetune(base, SEEDS[n], big=BIG[n])
-        out[n] = delta.compress_tree(delta.extract(base, ft), RULES[n], progress=False)
+        out[n] = delta.compress(base, ft, RULES[n], progress=False)
     return out
 
 

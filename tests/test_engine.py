@@ -15,11 +15,11 @@ from serve_tiny import CFG, RULES, finetune, tiny_finetunes, tiny_model, tiny_to
 
 from deltajax import delta
 from deltajax import model as M
-from deltajax.delta import Rule
 from deltajax.io import delta_ckpt
 from deltajax.methods import RTN, Keep
 from deltajax.serve import engine as E
 from deltajax.serve import generate as G
+from deltajax.tree import PROJ_PATTERN, Rule
 
 PROMPTS = ["hello w3 w4", "world w9", "w7 w8 w9 w10 w11", "w1"]
 MODELS = ["base", "ft-rtn", "ft-lr", "ft-bd"]
@@ -124,9 +124,8 @@ def test_no_recompile_across_loads_unloads_and_lru_eviction(setup, engine):
     """Pool writes, LRU evictions and reloads reuse the compiled steps."""
     cfg, base, tok, comps = setup
     engine.generate(PROMPTS[:1], model="ft-rtn", max_tokens=2)  # warm (bucket 16 compiled)
-    more = {f"ft-rtn{i}": delta.compress_tree(delta.extract(base, finetune(base, 200 + i,
-                                                                           big=0.5)),
-                                              RULES["ft-rtn"], progress=False)
+    more = {f"ft-rtn{i}": delta.compress(base, finetune(base, 200 + i, big=0.5), RULES["ft-rtn"],
+                                         progress=False)
             for i in (2, 3)}
     counts = E.compile_counts()
     ev0 = engine.metrics()["stats"].get("evictions", 0)
@@ -317,9 +316,9 @@ def test_tied_embedding_delta_per_row():
     _, base = tiny_model(cfg, seed=3)
     tok = tiny_tokenizer()
     ft = finetune(base, 301, big=0.5)
-    rules = (Rule(delta.PROJ_PATTERN, RTN(bits=4, group=32)), Rule("embed_tokens", Keep()),
+    rules = (Rule(PROJ_PATTERN, RTN(bits=4, group=32)), Rule("embed_tokens", Keep()),
              Rule(".", None))
-    comp = delta.compress_tree(delta.extract(base, ft), rules, progress=False)
+    comp = delta.compress(base, ft, rules, progress=False)
     eng = E.Engine(base, cfg, tok, deltas={"tied": comp}, slots=2, max_len=32,
                    prefill_buckets=(16, 32))
     proj = {n: lf for n, lf in comp.items() if n != "embed_tokens.weight"}

@@ -45,8 +45,8 @@ class Server:
         self.cfg, self.base = cfg, base
         self.comps = tiny_finetunes(base)
         # loaded at runtime: the layout of ft-rtn (its pool has room), another fine-tune
-        self.comps["ft-rtn2"] = delta.compress_tree(
-            delta.extract(base, finetune(base, 202, big=0.5)), RULES["ft-rtn"], progress=False)
+        self.comps["ft-rtn2"] = delta.compress(base, finetune(base, 202, big=0.5), RULES["ft-rtn"],
+                                               progress=False)
         self.src, self.paths = write_tiny_checkpoint(tmp, base, self.comps)
         other = tiny_model(seed=1)[1]
         self.wrong = str(delta_ckpt.save_delta(self.comps["ft-bd"], tmp / "wrong", cfg=cfg,

@@ -74,10 +74,11 @@ import numpy as np
 
 from deltajax import model as M
 from deltajax import ops
-from deltajax.delta import DeltaLeaf, flatten, map_with_names
+from deltajax.containers import DeltaLeaf
 from deltajax.methods import Method
 from deltajax.serve import generate as G
 from deltajax.serve.multitenant import multitenant_matmul
+from deltajax.tree import flatten, map_with_names
 
 log = logging.getLogger(__name__)
 
