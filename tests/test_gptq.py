@@ -25,8 +25,8 @@ def _out_err(x, w, wq):
 
 
 @pytest.mark.parametrize("bits,group,sym", [(2, 64, False), (3, 128, False), (4, 32, True)])
-def test_identity_hessian_is_round_to_nearest(bits, group, sym):
-    w, _, _ = _problem(np.random.randint(1 << 30), k=200)
+def test_identity_hessian_is_round_to_nearest(bits, group, sym, seed):
+    w, _, _ = _problem(seed, k=200)
     r = gptq.gptq_quantize(w, 3.0 * jnp.eye(200), bits=bits, group=group, sym=sym)
     q_rtn, _ = gptq.rtn_reference(w, bits=bits, group=group, sym=sym)
     np.testing.assert_array_equal(np.asarray(r.q), np.asarray(q_rtn))
@@ -34,8 +34,8 @@ def test_identity_hessian_is_round_to_nearest(bits, group, sym):
 
 @pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_beats_round_to_nearest_on_correlated_inputs(act_order, static, bits):
-    w, x, h = _problem(np.random.randint(1 << 30), k=200)
+def test_beats_round_to_nearest_on_correlated_inputs(act_order, static, bits, seed):
+    w, x, h = _problem(seed, k=200)
     r = gptq.gptq_quantize(w, h, bits=bits, group=64, act_order=act_order, static_groups=static)
     wq = gptq.dequantize_result(r, bits=bits, n=32, k=200)
     _, w_rtn = gptq.rtn_reference(w, bits=bits, group=64, sym=False)
@@ -99,9 +99,9 @@ def _torch_fasterquant(W, H, bits, groupsize, actorder, percdamp=0.01, blocksize
 
 @pytest.mark.parametrize("actorder", [False, True])
 @pytest.mark.parametrize("group", [64, 128])
-def test_matches_pytorch_gptq_reference(actorder, group):
+def test_matches_pytorch_gptq_reference(actorder, group, seed):
     torch = pytest.importorskip("torch")
-    w, _, h = _problem(np.random.randint(1 << 30), n=24, k=256)
+    w, _, h = _problem(seed, n=24, k=256)
     w = w.at[:, 7].set(0.0)
     h = h.at[7, :].set(0.0).at[:, 7].set(0.0)  # a dead column
     ref = _torch_fasterquant(torch.tensor(np.asarray(w)), torch.tensor(np.asarray(h)), 3, group,
@@ -118,8 +118,8 @@ def test_matches_pytorch_gptq_reference(actorder, group):
         f"{(~rows_ok).sum()} rows differ ({(~close).sum()} of {close.size} entries)")
 
 
-def test_row_bits_equal_separate_runs():
-    w, _, h = _problem(np.random.randint(1 << 30), n=12, k=128)
+def test_row_bits_equal_separate_runs(seed):
+    w, _, h = _problem(seed, n=12, k=128)
     rb = jnp.array([8, 8, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2])
     both = gptq.gptq_quantize(w, h, bits=None, row_bits=rb, group=64, act_order=True,
                               static_groups=True)
@@ -130,8 +130,8 @@ def test_row_bits_equal_separate_runs():
         np.testing.assert_allclose(np.asarray(both.scale[lo:hi]), np.asarray(one.scale))
 
 
-def test_mask_keeps_zeros_and_compensates():
-    w, x, h = _problem(np.random.randint(1 << 30), k=128)
+def test_mask_keeps_zeros_and_compensates(seed):
+    w, x, h = _problem(seed, k=128)
     mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.5, w.shape)
     ws = jnp.where(mask, w, 0.0)
     r = gptq.gptq_quantize(ws, h, bits=4, group=64, mask=mask)
@@ -143,9 +143,9 @@ def test_mask_keeps_zeros_and_compensates():
         gptq.gptq_quantize(ws, h, bits=4, mask=mask, sym=True)
 
 
-def test_rows_grouping_beats_rtn_and_has_per_column_scales():
+def test_rows_grouping_beats_rtn_and_has_per_column_scales(seed):
     # quantize U (n_out x r) against H of r inputs, groups along the rows
-    w, x, h = _problem(np.random.randint(1 << 30), n=96, k=40)
+    w, x, h = _problem(seed, n=96, k=40)
     r = gptq.gptq_quantize(w, h, bits=3, group=32, group_axis="rows")
     assert r.q.shape == (96, 40) and r.scale.shape == (3, 40) and r.perm is None
     wq = gptq.dequantize_result(r, bits=3, n=96, k=40, group_axis="rows")

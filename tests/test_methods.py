@@ -35,8 +35,7 @@ CASES = {
 }
 
 
-def _rng_delta(shape=(96, 160), seed=None):
-    seed = np.random.default_rng().integers(1 << 30) if seed is None else seed
+def _rng_delta(shape=(96, 160), seed=0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32) * 0.01
 
 
@@ -45,19 +44,27 @@ def test_every_registered_method_has_a_contract_case():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_method_contract(name, tmp_path):
+def test_method_contract(name, tmp_path, seed):
     opts, bound = CASES[name]
     m = make_method(name, **opts)
     hash(m)  # a valid static jit argument
-    d = _rng_delta()
+    d = _rng_delta(seed=seed)
     c = jax.jit(lambda x: m.compress(x, key=jax.random.PRNGKey(1)))(d)
     dh = m.decompress(c)
     assert dh.shape == d.shape and dh.dtype == jnp.float32
     rel = float(jnp.linalg.norm(dh - d) / jnp.linalg.norm(d))
     assert rel < bound, f"{name}: relative error {rel} above its bound {bound}"
-    x = jnp.asarray(np.random.default_rng().standard_normal((5, d.shape[1])), jnp.float32)
+    # the reconstruction carries the delta (an all-zero or unrelated result cannot pass, also
+    # where the error bound is ~1, as for DARE's unbiased drops): its projection on Δ is large
+    coef = float(jnp.vdot(dh, d) / jnp.vdot(d, d))
+    assert 0.5 < coef < 1.5, f"{name}: <Δ̂, Δ>/<Δ, Δ> = {coef} (seed {seed})"
+    x = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((5, d.shape[1])),
+                    jnp.float32)
     y = m.matmul(x, c)
     np.testing.assert_allclose(np.asarray(y), np.asarray(x @ dh.T), rtol=2e-2, atol=2e-4)
+    # ... and the matmul is the delta's (not only self-consistent with decompress)
+    yerr = float(jnp.linalg.norm(y - x @ d.T) / jnp.linalg.norm(x @ d.T))
+    assert yerr < 1.3 * bound, f"{name}: matmul error vs the true delta {yerr} (seed {seed})"
     # code arrays are integer-packed, never dense floats of the delta's size
     for path, leaf in jax.tree_util.tree_flatten_with_path(c)[0]:
         p = jax.tree_util.keystr(path)
@@ -245,7 +252,8 @@ def test_streaming_compress_checkpoint_equals_in_memory(tmp_path):
 
     for p in sorted(f.glob("*.safetensors")):
         t = st.load_file(p)
-        st.save_file({k: v + 0.01 * torch.randn_like(v) for k, v in t.items()}, p,
+        g = torch.Generator().manual_seed(7)
+        st.save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in t.items()}, p,
                      metadata={"format": "pt"})
     cfg = hf.load_config(b)
     base, ft = hf.load_params(b, cfg), hf.load_params(f, cfg)

@@ -15,10 +15,10 @@ def _cfg(**kw):
 
 
 @pytest.mark.parametrize("kv_heads,window", [(2, None), (1, None), (6, None), (2, 5)])
-def test_cached_decode_equals_full_forward(kv_heads, window):
+def test_cached_decode_equals_full_forward(kv_heads, window, seed):
     cfg = _cfg(num_key_value_heads=kv_heads, sliding_window=window)
     p = M.init_params(cfg, jax.random.PRNGKey(0), scale=0.2)
-    tok = jax.random.randint(jax.random.PRNGKey(np.random.randint(1 << 20)), (3, 11), 0, 97)
+    tok = jax.random.randint(jax.random.PRNGKey(seed), (3, 11), 0, 97)
     full, _ = M.forward(p, tok, cfg)
     cache = M.KVCache.create(cfg, 3, 16, jnp.float32)
     outs = []
