@@ -78,6 +78,7 @@ def test_calibrated_beats_data_free_and_low_rank_at_equal_bytes(seed):
     assert _oerr(x, d, cal) < _oerr(x, d, free) < _oerr(x, d, lr.decompress(lr_c))
 
 
+@pytest.mark.slow
 def test_gidx_mode_stores_a_permutation_and_round_trips(tmp_path):
     cfg = M.ModelConfig(vocab_size=16, hidden_size=160, intermediate_size=96, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2, head_dim=80)
@@ -116,6 +117,7 @@ def test_gptq_method_beats_rtn_on_layer_output():
 _tiny = tiny_pair
 
 
+@pytest.mark.slow
 def test_linear_stats_and_layer_capture_match_direct_computation():
     cfg, base, _ = _tiny()
     toks = jax.random.randint(jax.random.PRNGKey(2), (6, 10), 0, cfg.vocab_size)
@@ -141,6 +143,7 @@ def _logit_err(cfg, ft, params, toks):
     return float(jnp.mean((ref - got) ** 2))
 
 
+@pytest.mark.slow
 def test_sequential_compress_beats_data_free_and_is_order_aware():
     cfg, base, ft = _tiny()
     calib = jax.random.randint(jax.random.PRNGKey(3), (16, 32), 0, cfg.vocab_size)
@@ -168,6 +171,7 @@ def test_sequential_compress_beats_data_free_and_is_order_aware():
                                   np.asarray(seq["layers.0.self_attn.q_proj.weight"].decompress()))
 
 
+@pytest.mark.slow
 def test_sequential_deltacome_on_tiny_model():
     cfg, base, ft = _tiny(1)
     calib = jax.random.randint(jax.random.PRNGKey(5), (16, 32), 0, cfg.vocab_size)

@@ -167,6 +167,7 @@ def test_unbiased_over_seeds():
     assert rel_mean < 1.5 * rel_one / np.sqrt(400), (rel_mean, rel_one)  # averages down as 1/√S
 
 
+@pytest.mark.slow
 def test_group_search_picks_lowest_output_error_and_beats_dare():
     x, d = _correlated()
     st = calibrate.linear_stats(x)
@@ -197,6 +198,7 @@ def test_group_search_picks_lowest_output_error_and_beats_dare():
     assert fro[m.chosen_group(cf)] == pytest.approx(min(fro.values()), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_error_falls_as_ratio_grows():
     x, d = _correlated(seed=1)
     st = calibrate.linear_stats(x)
@@ -218,6 +220,7 @@ def _tiny():
     return cfg, base, ft
 
 
+@pytest.mark.slow
 def test_tiny_model_calibrated_and_attached():
     cfg, base, ft = _tiny()
     m = DeltaDQ(ratio=1 / 8, bits=2, qgroup=32)

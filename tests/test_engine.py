@@ -308,6 +308,7 @@ def test_background_thread_serves_concurrent_submitters(setup, engine):
     assert not engine.running
 
 
+@pytest.mark.slow
 def test_tied_embedding_delta_per_row():
     """Tied embeddings: a kept embedding delta changes both the input rows and the output head."""
     cfg = M.ModelConfig(vocab_size=CFG.vocab_size, hidden_size=64, intermediate_size=64,

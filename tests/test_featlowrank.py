@@ -202,6 +202,7 @@ def test_factorize_weight_on_a_weight():
     assert e_feat < 0.8 * e_svd, (e_feat, e_svd)  # Bolaco's point: beats plain SVD of W
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [pytest.param("uncentered", marks=pytest.mark.slow), "pooled"])
 def test_sequential_compress_and_attach(mode):
     cfg, base, ft = _tiny(1)

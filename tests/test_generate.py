@@ -211,6 +211,7 @@ def test_text_streamer_prints_the_text(base, capsys):
 # ------------------------------------------------------------------------------------ the script
 
 
+@pytest.mark.slow
 def test_script_generate_multitenant(base, tmp_path):
     from deltajax.io import delta_ckpt as delta_checkpoint
     from deltajax.io import hf

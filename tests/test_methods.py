@@ -145,6 +145,7 @@ def _tiny():
 
 @pytest.mark.parametrize("name", ["rtn", "lowrank", "bitdelta", "dare", "deltacome", "deltadq",
                                   "dsnot", "featlowrank"])
+@pytest.mark.slow
 def test_attached_logits_equal_merged_logits(name):
     cfg, base, ft = _tiny()
     d = delta.extract(base, ft)
@@ -157,6 +158,7 @@ def test_attached_logits_equal_merged_logits(name):
     np.testing.assert_allclose(np.asarray(la), np.asarray(lm), atol=2e-4)
 
 
+@pytest.mark.slow
 def test_bitdelta_distillation_lowers_logit_mse():
     cfg, base, ft = _tiny()
     comp = delta.compress(base, ft, BitDelta(), progress=False)

@@ -82,6 +82,7 @@ def test_search_respects_budget_beats_uniform_and_is_reproducible(sampler):
 _tiny = tiny_pair
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [pytest.param("uncentered", marks=pytest.mark.slow), "pooled"])
 def test_lm_objective_factorization_and_exact_containers(mode):
     cfg, base, ft = _tiny()

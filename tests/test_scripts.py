@@ -27,6 +27,8 @@ from deltajax.containers import LowRankDelta
 from deltajax.methods import RTN, LowRank
 from deltajax.tree import is_linear
 
+pytestmark = pytest.mark.slow  # subprocesses (servers, scripts): make test-slow
+
 REPO = Path(__file__).resolve().parents[1]
 CFG = M.ModelConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)

@@ -26,6 +26,8 @@ from deltajax import delta
 from deltajax.io import delta_ckpt
 from deltajax.serve import generate as G
 
+pytestmark = pytest.mark.slow  # subprocesses (servers, scripts): make test-slow
+
 REPO = Path(__file__).resolve().parents[1]
 BASE = "tiny"
 MAX_LEN = 64
