@@ -156,3 +156,19 @@ def write_markdown(path: str | os.PathLike, lines: Sequence[str] | str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, p)
     return p
+
+
+def random_like(key, abstract, lead):
+    """Random arrays with leading axes `lead` and the structure of `abstract` (eval_shape)."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for k, a in zip(keys, leaves):
+        shape = tuple(lead) + tuple(a.shape)
+        if jnp.issubdtype(a.dtype, jnp.unsignedinteger):
+            out.append(jax.random.bits(k, shape, a.dtype))
+        elif jnp.issubdtype(a.dtype, jnp.integer):
+            out.append(jnp.broadcast_to(jnp.arange(a.shape[-1], dtype=a.dtype), shape))
+        else:
+            out.append((jax.random.normal(k, shape, jnp.float32) * 1e-3).astype(a.dtype))
+    return jax.tree.unflatten(treedef, out)

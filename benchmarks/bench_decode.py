@@ -33,6 +33,7 @@ import os
 import sys
 import time
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,21 +112,6 @@ def copy_bandwidth() -> dict:
     return out
 
 
-def _random_like(key, abstract, lead):
-    leaves, treedef = jax.tree.flatten(abstract)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    out = []
-    for k, a in zip(keys, leaves):
-        shape = tuple(lead) + tuple(a.shape)
-        if jnp.issubdtype(a.dtype, jnp.unsignedinteger):
-            out.append(jax.random.bits(k, shape, a.dtype))
-        elif jnp.issubdtype(a.dtype, jnp.integer):
-            out.append(jnp.broadcast_to(jnp.arange(a.shape[-1], dtype=a.dtype) % 2, shape))
-        else:
-            out.append((jax.random.normal(k, shape, jnp.float32) * 1e-3).astype(a.dtype))
-    return jax.tree.unflatten(treedef, out)
-
-
 def _nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -150,7 +136,7 @@ def with_tenants(base, method_key: str, t: int, batch: int, key) -> tuple[dict, 
         if shp not in cache:
             cache[shp] = jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)),
                                         jax.ShapeDtypeStruct(shp, jnp.float32))
-        stacked = _random_like(jax.random.fold_in(key, hash(n) & 0xFFFF), cache[shp], (t,))
+        stacked = C.random_like(jax.random.fold_in(key, hash(n) & 0xFFFF), cache[shp], (t,))
         total[0] += _nbytes(stacked)
         return MultiTenantWeight(base=w, deltas=stacked, tenant_ids=ids, method=m, num_tenants=t)
 

@@ -79,22 +79,6 @@ def _method(name):
     return make_method("deltacome", ratio=1 / 16) if name == "deltacome" else make_method(name)
 
 
-def _random_like(key, abstract, lead):
-    """Random arrays with leading axes `lead` and the structure of `abstract` (eval_shape)."""
-    leaves, treedef = jax.tree.flatten(abstract)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for k, a in zip(keys, leaves):
-        shape = tuple(lead) + tuple(a.shape)
-        if jnp.issubdtype(a.dtype, jnp.unsignedinteger):
-            out.append(jax.random.bits(k, shape, a.dtype))
-        elif jnp.issubdtype(a.dtype, jnp.integer):
-            out.append(jnp.broadcast_to(jnp.arange(a.shape[-1], dtype=a.dtype), shape))
-        else:
-            out.append((jax.random.normal(k, shape, jnp.float32) * 1e-3).astype(a.dtype))
-    return jax.tree.unflatten(treedef, out)
-
-
 def _stack_layers(layers):
     """Stack per-layer dicts leaf by leaf, freeing each layer's copy as it goes."""
     names = jax.tree_util.tree_structure(layers[0])
@@ -121,7 +105,7 @@ def build(cfg, method_name, t, batch, key):
         w = layers[blk][p]["weight"]  # (L, out, in)
         abstract = jax.eval_shape(lambda d: m.compress(d),
                                   jax.ShapeDtypeStruct(w.shape[1:], jnp.float32))
-        stacked = _random_like(jax.random.fold_in(key, j), abstract, (cfg.num_hidden_layers, t))
+        stacked = C.random_like(jax.random.fold_in(key, j), abstract, (cfg.num_hidden_layers, t))
         layers[blk][p]["weight"] = MultiTenantWeight(base=w, deltas=stacked, tenant_ids=ids,
                                                      method=m, num_tenants=t,
                                                      implementation=FLAGS.implementation)
