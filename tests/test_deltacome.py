@@ -46,6 +46,7 @@ def _oerr(x, d, dh):
     return float(jnp.linalg.norm(x @ (d - dh).T) / jnp.linalg.norm(x @ d.T))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(256, 128), (96, 320)])
 def test_true_budget_is_never_exceeded_and_error_falls_with_ratio(shape, seed):
     n, k = shape
@@ -60,6 +61,7 @@ def test_true_budget_is_never_exceeded_and_error_falls_with_ratio(shape, seed):
     assert errs[0] > errs[1] > errs[2]
 
 
+@pytest.mark.slow
 def test_calibrated_beats_data_free_and_low_rank_at_equal_bytes(seed):
     n, k = 256, 192
     seed = seed % (1 << 20)
@@ -101,6 +103,7 @@ def test_gidx_mode_stores_a_permutation_and_round_trips(tmp_path):
         np.testing.assert_array_equal(np.asarray(back.decompress()), np.asarray(leaf.decompress()))
 
 
+@pytest.mark.slow
 def test_gptq_method_beats_rtn_on_layer_output():
     d = _spectral_delta(128, 256, 11, decay=200.0)
     x = _inputs(256, 11)

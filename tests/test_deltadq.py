@@ -93,6 +93,7 @@ def test_contract_jit_accounting_matmul(ratio, bits, sym):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip(tmp_path):
     cfg = M.ModelConfig(vocab_size=16, hidden_size=160, intermediate_size=96, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2, head_dim=80)
@@ -129,6 +130,7 @@ def test_clear_errors():
         make_method("deltadq", p=0.5)
 
 
+@pytest.mark.slow
 def test_exact_count_per_group_and_rescale():
     n, k, g, keep = 16, 128, 16, 32  # 1 - p = 1/4: exactly 4 of every 16
     pos, resc = keep_positions(jax.random.key_data(jax.random.PRNGKey(0)), n, k, g, keep)

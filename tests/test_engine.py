@@ -21,6 +21,8 @@ from deltajax.serve import engine as E
 from deltajax.serve import generate as G
 from deltajax.tree import PROJ_PATTERN, Rule
 
+pytestmark = pytest.mark.slow  # the engine end to end (compiles per slot layout)
+
 PROMPTS = ["hello w3 w4", "world w9", "w7 w8 w9 w10 w11", "w1"]
 MODELS = ["base", "ft-rtn", "ft-lr", "ft-bd"]
 N = 12  # tokens per answer

@@ -102,6 +102,7 @@ def test_reference_and_match():
 # ------------------------------------------------------------------------------ GSM8K accuracy
 
 
+@pytest.mark.slow
 def test_batched_accuracy_equals_per_example_loop(base):
     from deltajax import data as D
 

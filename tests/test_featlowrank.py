@@ -62,6 +62,7 @@ def test_pooled_statistics_equal_direct_numpy():
 _tiny = tiny_pair
 
 
+@pytest.mark.slow
 def test_layer_capture_pooled_matches_taps_and_leaves_plain_capture_unchanged():
     cfg, base, _ = _tiny()
     toks = jax.random.randint(jax.random.PRNGKey(2), (10, 12), 0, cfg.vocab_size)

@@ -105,6 +105,7 @@ def test_greedy_is_deterministic_and_equals_argmax_loop(base):
 _sample = jax.jit(G.sample, static_argnames="sampling")
 
 
+@pytest.mark.slow
 def test_samplers(base):
     # top_k=1 and top_p -> 0 are greedy
     logits = jax.random.normal(jax.random.PRNGKey(1), (64, CFG.vocab_size)) * 3
@@ -243,6 +244,7 @@ CFG128 = M.ModelConfig(vocab_size=53, hidden_size=128, intermediate_size=256,
                        head_dim=32)
 
 
+@pytest.mark.slow
 def test_attach_prepare_hopper_layout_keeps_logits():
     """attach(prepare=True): 4-bit group-128 deltas in the Mosaic GPU serving layout (on CPU
     the prepared form runs its reference); same logits as the stored form."""

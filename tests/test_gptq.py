@@ -118,6 +118,7 @@ def test_matches_pytorch_gptq_reference(actorder, group, seed):
         f"{(~rows_ok).sum()} rows differ ({(~close).sum()} of {close.size} entries)")
 
 
+@pytest.mark.slow
 def test_row_bits_equal_separate_runs(seed):
     w, _, h = _problem(seed, n=12, k=128)
     rb = jnp.array([8, 8, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2])

@@ -234,6 +234,7 @@ def test_bad_operands_are_named():
         quant_matmul(x, planes, scale, bits=4, group=128, implementation="cuda")
 
 
+@pytest.mark.slow
 def test_implementations_table_is_what_the_dispatchers_accept():
     """quant_matmul(_multitenant) accept "auto" and the keys of IMPLEMENTATIONS, nothing else."""
     assert set(IMPLEMENTATIONS) == {"xla", "pallas_gpu", "pallas_tpu"}

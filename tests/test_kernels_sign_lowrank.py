@@ -225,6 +225,7 @@ def test_stored_delta_multitenant_interpret():
 # ----------------------------------------------------------------------------- dispatchers
 
 
+@pytest.mark.slow
 def test_sign_implementations_table_is_what_the_dispatchers_accept():
     """sign_matmul(_multitenant) accept "auto" and the keys of IMPLEMENTATIONS, nothing else."""
     table = sign_op.IMPLEMENTATIONS
@@ -253,6 +254,7 @@ def test_sign_implementations_table_is_what_the_dispatchers_accept():
         )
 
 
+@pytest.mark.slow
 def test_lowrank_implementations_table_is_what_the_dispatchers_accept():
     """lowrank_delta_matmul(_multitenant) accept "auto" and IMPLEMENTATIONS' keys, nothing else."""
     table = lowrank_op.IMPLEMENTATIONS

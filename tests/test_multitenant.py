@@ -129,6 +129,7 @@ def test_changing_ids_does_not_recompile(pair):
     assert np.abs(np.asarray(a[0] - b[0])).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_other_leaves_error_base_and_per_row():
     cfg = UNTIED_BIAS
     base = _base(cfg, seed=5)
