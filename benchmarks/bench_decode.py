@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+import zlib
 
 import _common as C
 import jax
@@ -136,7 +137,8 @@ def with_tenants(base, method_key: str, t: int, batch: int, key) -> tuple[dict, 
         if shp not in cache:
             cache[shp] = jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)),
                                         jax.ShapeDtypeStruct(shp, jnp.float32))
-        stacked = C.random_like(jax.random.fold_in(key, hash(n) & 0xFFFF), cache[shp], (t,))
+        leaf_key = jax.random.fold_in(key, zlib.crc32(n.encode()) & 0x7FFFFFFF)  # stable per name
+        stacked = C.random_like(leaf_key, cache[shp], (t,))
         total[0] += _nbytes(stacked)
         return MultiTenantWeight(base=w, deltas=stacked, tenant_ids=ids, method=m, num_tenants=t)
 
