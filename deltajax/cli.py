@@ -33,6 +33,7 @@ from pathlib import Path
 from absl import app, flags
 
 from deltajax import config as C
+from deltajax import jax_cache
 
 # flags defined here (the run-config flag) belong to the script that calls define_run_config
 flags.disclaim_key_flags()
@@ -184,6 +185,7 @@ def run(main: Callable[[list[str]], None], *,
     errors = USER_ERRORS + tuple(user_errors)
 
     def wrapped(argv):
+        jax_cache.enable()  # the persistent compilation cache (deltajax/jax_cache.py)
         try:
             for holder in _CONFIG_FLAGS.values():
                 if flags.FLAGS[holder.name].value is not None:

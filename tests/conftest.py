@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -16,6 +17,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the test helpers (hf_tiny, tiny_pair)
+
+# Scripts run by the tests (in process or as subprocesses) share one fresh persistent
+# compilation cache per test session (deltajax/jax_cache.py), never the user's ~/.cache.
+os.environ.setdefault("DELTAJAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="deltajax-xla-"))
 
 
 def _seed_for(nodeid: str) -> int:

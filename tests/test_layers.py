@@ -17,6 +17,7 @@ LAYERS = {
     "deltajax.tree": 0,
     "deltajax.data": 0,
     "deltajax.quant": 0,
+    "deltajax.jax_cache": 0,
     "deltajax.ops": 1,
     "deltajax.model": 1,
     "deltajax.parallel.sharding": 1,

@@ -51,6 +51,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deltajax import jax_cache
 from deltajax.serve.engine import Engine, EngineError, Event, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -688,4 +689,5 @@ def define_flags() -> None:
 def run():
     """Console entry point (`deltajax-serve`, `scripts/serve.py`)."""
     define_flags()
+    jax_cache.enable()  # compiled prefill buckets and the decode step survive a restart
     app.run(main)
