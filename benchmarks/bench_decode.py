@@ -56,7 +56,11 @@ flags.DEFINE_integer("repeats", 3, "Timed calls per row (median).")
 flags.DEFINE_bool("torch_peer", True, "Also time the plain PyTorch CUDA-graph step (GPU only).")
 flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of the first row here and "
                     "print the top device ops.")
-flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "Decode attention (ops.DECODE_ATTENTION).")
+flags.DEFINE_enum("attention", "xla", ["xla", "cudnn", "pallas"],
+                  "Decode attention (ops.DECODE_ATTENTION).")
+flags.DEFINE_enum("dense", "auto", ["auto", "xla", "pallas"],
+                  "Dense projections (ops.DENSE_MATMUL): XLA's GEMMs, pallas_kernels.dense_matmul, "
+                  "or the kernel where its tuning table measured it faster.")
 flags.DEFINE_string("out", None, "Markdown table to write (default: print only).")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 
@@ -74,43 +78,6 @@ METHODS = {"bitdelta": ("bitdelta", {}), "deltacome": ("deltacome", {"ratio": 1 
 
 
 # ------------------------------------------------------------------------------- measurements
-
-
-def copy_bandwidth() -> dict:
-    """Device-to-device copy bandwidth (bytes read + written per second), jax and torch."""
-    out = {}
-    n = (1 << 30) if jax.default_backend() == "gpu" else (1 << 24)
-    x = jnp.ones((n,), jnp.float32)
-    f = jax.jit(lambda a: a * 1.0001)
-    jax.block_until_ready(f(x))
-    ts = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        ts.append(time.perf_counter() - t0)
-    out["jax"] = 2 * 4 * n / float(np.median(ts))
-    del x
-    if jax.default_backend() == "gpu":
-        try:
-            import torch
-
-            a = torch.empty(n, dtype=torch.float32, device="cuda")
-            b = torch.empty_like(a)
-            for _ in range(3):
-                b.copy_(a)
-            torch.cuda.synchronize()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(20):
-                b.copy_(a)
-            e1.record()
-            torch.cuda.synchronize()
-            out["torch"] = 2 * 4 * n * 20 / (e0.elapsed_time(e1) / 1e3)
-            del a, b
-            torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001 - the jax figure stands alone
-            print(f"[bench_decode] torch copy not measured: {e}", file=sys.stderr)
-    return out
 
 
 def _nbytes(tree) -> int:
@@ -337,12 +304,13 @@ def main(argv):
     del argv
     rows = [parse_row(r) for r in FLAGS.rows]
     ops.DECODE_ATTENTION = FLAGS.attention
+    ops.DENSE_MATMUL = FLAGS.dense
     cfg = M.ModelConfig(**SHAPES[FLAGS.shape])
     dev = jax.devices()[0]
     device = f"{dev.platform}: {getattr(dev, 'device_kind', dev)}"
     key = jax.random.PRNGKey(0)
-    bw = copy_bandwidth()
-    floor_bw = max(bw.values())
+    bw = C.copy_bandwidths()
+    floor_bw = bw.pop("floor")
     print(f"[bench_decode] {device}; copy bandwidth " + ", ".join(
         f"{k} {v / 1e9:.0f} GB/s" for k, v in bw.items()), flush=True)
     base = build_params(cfg, key)
@@ -384,7 +352,8 @@ def main(argv):
         f"Copy bandwidth measured in this run: " + ", ".join(
             f"{k} {v / 1e9:.0f} GB/s" for k, v in bw.items())
         + f"; floor = bytes / {floor_bw / 1e9:.0f} GB/s. The step: `serve.generate`'s decode "
-        f"loop, {FLAGS.steps} steps per call; attention {FLAGS.attention}; XLA_FLAGS="
+        f"loop, {FLAGS.steps} steps per call; attention {FLAGS.attention}; dense "
+        f"projections {FLAGS.dense}; XLA_FLAGS="
         f"`{os.environ.get('XLA_FLAGS', '')}`.",
         "",
         "| row | batch | KV | ms/step | tokens/s | bytes/step | floor ms | % of floor "

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+import pallas_kernels.decode_attention as _pk_attn
+import pallas_kernels.dense_matmul as _pk_dense
 from deltajax.tree import Leaf
 
 
@@ -45,8 +47,31 @@ def _precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
+# Dense projections on a GPU at decode batch sizes (<= 64 rows of bf16/fp16, one device):
+# "xla" (XLA's GEMM fusions), "pallas" (pallas_kernels.dense_matmul's Triton kernel for every such
+# shape), "auto" (the kernel only for shapes its tuning table measured faster than XLA; the
+# default — with no table entry it is XLA). Set per process (bench_decode.py --dense).
+DENSE_MATMUL = "auto"
+
+
+def _dense_kernel(x, w) -> bool:
+    if DENSE_MATMUL == "xla" or jax.default_backend() != "gpu" or w.ndim != 2:
+        return False
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    m = math.prod(x.shape[:-1])
+    n, k = w.shape
+    if not _pk_dense.pallas_gpu.can_use(m=m, k=k, n=n, dtype=x.dtype):
+        return False
+    if DENSE_MATMUL == "pallas":
+        return True
+    return jax.device_count() == 1 and _pk_dense.pallas_gpu.measured_faster(m, n, k)
+
+
 def dense_matmul(x: Float[Array, "*b i"], w: Float[Array, "o i"]) -> Float[Array, "*b o"]:
     """`x @ w.T` with the weight cast to the activation dtype and fp32 accumulation."""
+    if _dense_kernel(x, w):
+        return _pk_dense.dense_matmul(x, w, implementation="pallas_gpu")
     w = w.astype(x.dtype)
     y = jnp.einsum(
         "...i,oi->...o", x, w, precision=_precision(x.dtype), preferred_element_type=jnp.float32
@@ -112,9 +137,10 @@ def apply_rope(
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
-# Decode attention on a GPU: "xla" (the reference below, default) or "cudnn" (one cuDNN fused
-# kernel through `jax.nn.dot_product_attention` for single-token queries in bf16/fp16; rows with
-# no valid key return zeros either way). Set per process (bench_decode.py --attention).
+# Decode attention on a GPU: "xla" (the reference below, default), "cudnn" (one cuDNN fused
+# kernel through `jax.nn.dot_product_attention` for single-token queries in bf16/fp16) or
+# "pallas" (pallas_kernels.decode_attention's flash-decoding kernel); rows with no valid key
+# return zeros in each. Set per process (bench_decode.py --attention).
 DECODE_ATTENTION = "xla"
 
 
@@ -128,7 +154,12 @@ def attention(
 
     Softmax is computed in fp32. Rows with no allowed key (fully padded queries) return zeros.
     """
-    if (DECODE_ATTENTION == "cudnn" and q.shape[1] == 1 and jax.default_backend() == "gpu"
+    gpu_decode = q.shape[1] == 1 and jax.default_backend() == "gpu"
+    if (DECODE_ATTENTION == "pallas" and gpu_decode and _pk_attn.pallas_gpu.can_use(
+            h=q.shape[2], kh=k.shape[2], d=q.shape[3], dtype=q.dtype)):
+        o = _pk_attn.decode_attention(q[:, 0], k, v, mask[:, 0, :], implementation="pallas_gpu")
+        return o[:, None]
+    if (DECODE_ATTENTION == "cudnn" and gpu_decode
             and q.dtype in (jnp.bfloat16, jnp.float16)):
         o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
         return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], o, 0).astype(q.dtype)

@@ -285,6 +285,36 @@ def plan_single(
     )
 
 
+def plan_dense(m: int, k: int, n: int, dtype, config: TritonConfig | None) -> Program:
+    """Program for a dense `(N, K)` weight alone (`pallas_kernels.dense_matmul`): MMA tiles of
+    a 16..64-row block, or FMA tiles (`TritonConfig(fma=True)`, the GEMV form) for a few rows."""
+    cfg = config or TritonConfig()
+    fma = bool(cfg.fma) if cfg.fma is not None else m <= FMA_MAX_ROWS
+    _check_config(cfg, fma)
+    bm = cfg.block_m or (fma_block_m(m) if fma else block_m_for(m))
+    bn = cfg.block_n or pow2_divisor(n, FMA_BLOCK_N if fma else MAX_BLOCK_N)
+    if cfg.block_k:
+        bk = pow2_divisor(k, cfg.block_k)
+    elif fma:
+        bk = pow2_divisor(k, max(16, FMA_TILE_ELEMS // (bm * bn)))
+    else:
+        bk = pow2_divisor(k, max(16, min(MAX_BLOCK_K, MAX_TILE_ELEMS // bn)))
+    if n % bn or k % bk:
+        raise ValueError(f"block_n={bn} / block_k={bk} do not divide N={n} / K={k}")
+    rows = cdiv(m, bm)
+    nb = k // bk
+    split = cfg.split_k or split_for((n // bn) * rows, nb, sm_count(), waves=PACKED_WAVES)
+    if nb % split:
+        raise ValueError(f"split_k={split} does not divide the {nb} K steps")
+    kpart = KPart(x_index=0, x_offset=0, k=k, block_k=bk, packed=None)
+    return Program(
+        colparts=(ColPart(n=n, out_offset=0, block_n=bn, kparts=(kpart,)),),
+        num_x=1, m=m, block_m=bm, row_programs=rows, split_k=split,
+        num_warps=cfg.num_warps or (FMA_NUM_WARPS if fma else 4),
+        num_stages=cfg.num_stages or 3, out_dtype=jnp.dtype(dtype).name, fma=fma,
+    )
+
+
 # ----------------------------------------------------------------------------- kernel
 
 
@@ -489,6 +519,9 @@ def _dense_part(acc, kp, kidx, w_ref, x_ref, row0, row_mask, col0, bn, split, pr
     def body(kb, carry):
         xb = _load_rows(x_ref, None, row0, bm, kp.x_offset + kb * bk, bk, row_mask)
         wb = w_ref[pl.ds(col0, bn), pl.ds(kb * bk, bk)].astype(xb.dtype)
+        if prog.fma:  # GEMV rows on CUDA cores: one f32 multiply-add per weight and row
+            prod = xb.astype(jnp.float32)[:, None, :] * wb.astype(jnp.float32)[None, :, :]
+            return carry + jnp.sum(prod, axis=2)
         d = lax.dot_general(
             xb,
             wb,

@@ -215,3 +215,37 @@ def test_quant_matmul_gpu_split_dots(bits, m, zero, dtype):
     got = qgpu.quant_matmul(x, planes, scale, z, bits=bits, group=128, config=cfg)
     want = quant_matmul(x, planes, scale, z, bits=bits, group=128, implementation="xla")
     assert_close(got, want, dtype=dtype, what=f"seed={seed} gpu split bits={bits} m={m}")
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+@pytest.mark.parametrize("fma", [None, True, False])
+def test_dense_matmul_gpu(m, fma):
+    from pallas_kernels.dense_matmul import TritonConfig, dense_matmul
+
+    if fma and m > 4:
+        pytest.skip("FMA tiles are for a few rows")
+    seed = seed_for("test_dense_matmul_gpu", m, fma)
+    gen = rng(seed)
+    x = activations(gen, m, 1024, BF16)
+    w = jnp.asarray(gen.normal(size=(576, 1024)) * 0.05, BF16)
+    cfg = None if fma is None else TritonConfig(fma=fma)
+    _poison()
+    got = dense_matmul(x, w, implementation="pallas_gpu", config=cfg)
+    want = dense_matmul(x, w, implementation="xla")
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu dense m={m} fma={fma}")
+
+
+@pytest.mark.parametrize("b,h,kh,s", [(16, 32, 32, 161), (1, 32, 8, 2049), (4, 8, 1, 40)])
+def test_decode_attention_gpu(b, h, kh, s):
+    from pallas_kernels.decode_attention import decode_attention
+
+    seed = seed_for("test_decode_attention_gpu", b, h, kh, s)
+    gen = rng(seed)
+    q = jnp.asarray(gen.normal(size=(b, h, 128)), BF16)
+    k = jnp.asarray(gen.normal(size=(b, s, kh, 128)), BF16)
+    v = jnp.asarray(gen.normal(size=(b, s, kh, 128)), BF16)
+    valid = jnp.asarray(gen.random((b, s)) < 0.8)
+    _poison()
+    got = decode_attention(q, k, v, valid, implementation="pallas_gpu")
+    want = decode_attention(q, k, v, valid, implementation="xla")
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu decode attention b={b} s={s}")
