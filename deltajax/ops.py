@@ -137,11 +137,14 @@ def apply_rope(
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
-# Decode attention on a GPU: "xla" (the reference below, default), "cudnn" (one cuDNN fused
-# kernel through `jax.nn.dot_product_attention` for single-token queries in bf16/fp16) or
-# "pallas" (pallas_kernels.decode_attention's flash-decoding kernel); rows with no valid key
-# return zeros in each. Set per process (bench_decode.py --attention).
-DECODE_ATTENTION = "xla"
+# Decode attention on a GPU: "auto" (default: pallas_kernels.decode_attention's flash-decoding
+# kernel on a single GPU where its guard accepts the shape, else the XLA reference below), "xla"
+# (always the reference), "pallas" (the kernel wherever its guard accepts, also under a mesh) or
+# "cudnn" (one cuDNN fused kernel through `jax.nn.dot_product_attention` for single-token
+# queries in bf16/fp16); rows with no valid key return zeros in each. The kernel reads each row's
+# cache only up to its last valid slot, which the serving engine's fixed `max_len` cache needs
+# (measured: benchmarks/decode.md). Set per process (bench_decode.py --attention).
+DECODE_ATTENTION = "auto"
 
 
 def attention(
@@ -155,7 +158,9 @@ def attention(
     Softmax is computed in fp32. Rows with no allowed key (fully padded queries) return zeros.
     """
     gpu_decode = q.shape[1] == 1 and jax.default_backend() == "gpu"
-    if (DECODE_ATTENTION == "pallas" and gpu_decode and _pk_attn.pallas_gpu.can_use(
+    kernel = DECODE_ATTENTION == "pallas" or (DECODE_ATTENTION == "auto"
+                                              and jax.device_count() == 1)
+    if (kernel and gpu_decode and _pk_attn.pallas_gpu.can_use(
             h=q.shape[2], kh=k.shape[2], d=q.shape[3], dtype=q.dtype)):
         o = _pk_attn.decode_attention(q[:, 0], k, v, mask[:, 0, :], implementation="pallas_gpu")
         return o[:, None]

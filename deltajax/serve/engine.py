@@ -475,8 +475,8 @@ def _prefill_insert(base, pools, state: SlotState, tokens, n, slot, pool_id, poo
     return state, first
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
-def _decode(base, pools, state: SlotState, active, *, cfg, specs, implementation, interpret):
+def _decode_once(base, pools, state: SlotState, active, *, cfg, specs, implementation,
+                 interpret):
     """One token for every slot: feed `last` at `pos`; inactive rows keep their state."""
     params = bind(base, pools, specs, state.pool, state.index, implementation=implementation,
                   interpret=interpret)
@@ -501,6 +501,28 @@ def _decode(base, pools, state: SlotState, active, *, cfg, specs, implementation
     state = state.replace(k=tuple(ks), v=tuple(vs), pos=state.pos + inc, last=tok,
                           gen=state.gen + inc)
     return state, tok
+
+
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "steps"), donate_argnames=("state",))
+def _decode(base, pools, state: SlotState, active, *, cfg, specs, implementation, interpret,
+            steps: int = 1):
+    """`steps` decode steps in one call (a `lax.scan` of `_decode_once`): tokens (steps, slots).
+
+    Rows are independent, so a row's tokens do not depend on `steps`; the host reads them once
+    per call (one round trip per `steps` tokens) and drops a row's tokens after its request
+    finishes (the row decoded on, unused, until the call ended).
+    """
+    kw = dict(cfg=cfg, specs=specs, implementation=implementation, interpret=interpret)
+    if steps == 1:
+        state, tok = _decode_once(base, pools, state, active, **kw)
+        return state, tok[None]
+
+    def body(st, _):
+        return _decode_once(base, pools, st, active, **kw)
+
+    return jax.lax.scan(body, state, None, length=steps)
 
 
 @functools.partial(jax.jit, donate_argnames=("pool",))
@@ -708,6 +730,11 @@ class Engine:
       seed: seeds the engine's draws of seeds for requests that give none.
       dtype: cast the base weights to this dtype (after fingerprinting them: deltas are checked
         against the stored base).
+      decode_steps: decode steps per device call (one host round trip per call): the host
+        reads the tokens, streams them and admits waiting requests every `decode_steps` tokens.
+        Outputs do not depend on it; more steps hide the per-call host cost (measured on an
+        H200, 7B shapes: benchmarks/decode.md), at the price of admitting new requests and
+        noticing finished ones up to `decode_steps - 1` tokens later.
     """
 
     def __init__(
@@ -717,15 +744,16 @@ class Engine:
         prefill_buckets: Sequence[int] | None = None, max_queue: int = 1024,
         prefills_per_step: int = 1, default_max_tokens: int = 256, kv_dtype=None,
         implementation: str = "auto", interpret: bool = False, seed: int | None = None,
-        dtype=None,
+        dtype=None, decode_steps: int = 4,
     ):
         if slots < 1 or max_len < 2 or pool_capacity < 1 or max_queue < 1 or \
-                prefills_per_step < 1 or default_max_tokens < 1:
+                prefills_per_step < 1 or default_max_tokens < 1 or decode_steps < 1:
             raise ValueError(f"Engine: slots={slots}, max_len={max_len}, pool_capacity="
                              f"{pool_capacity}, max_queue={max_queue}, prefills_per_step="
-                             f"{prefills_per_step}, default_max_tokens={default_max_tokens}: "
-                             "need slots, pool_capacity, max_queue, prefills_per_step, "
-                             "default_max_tokens >= 1 and max_len >= 2")
+                             f"{prefills_per_step}, default_max_tokens={default_max_tokens}, "
+                             f"decode_steps={decode_steps}: need slots, pool_capacity, "
+                             "max_queue, prefills_per_step, default_max_tokens, decode_steps "
+                             ">= 1 and max_len >= 2")
         buckets = tuple(sorted({int(b) for b in (prefill_buckets or default_buckets(max_len))}))
         if buckets[0] < 1 or buckets[-1] != max_len:
             raise ValueError(f"Engine: prefill_buckets {buckets} must be >= 1 and end at "
@@ -738,6 +766,7 @@ class Engine:
         self.buckets, self.max_queue = buckets, max_queue
         self.prefills_per_step, self.default_max_tokens = prefills_per_step, default_max_tokens
         self.implementation, self.interpret = implementation, interpret
+        self.decode_steps = decode_steps
         self._tok_lock = threading.Lock()
         self._base_fp: str | None = None
         if dtype is not None:  # deltas are checked against the stored base: fingerprint first
@@ -1312,10 +1341,11 @@ class Engine:
         return int(first)
 
     def _decode_step(self, active: np.ndarray) -> None:
+        reqs = list(self._slot_req)  # the requests the tokens of this call belong to
         try:
             self._state, tok = _decode(self._base, self._pool_arrays(), self._state, active,
-                                       **self._static())
-            toks = np.asarray(tok)
+                                       steps=self.decode_steps, **self._static())
+            toks = np.asarray(tok)  # (decode_steps, slots)
         except Exception as e:
             log.exception("decode step failed; failing the running requests")
             for s, r in enumerate(self._slot_req):
@@ -1323,11 +1353,14 @@ class Engine:
                     self._finish(s, r, "error", error=f"decode failed: {e}")
             self._state = SlotState.create(self.cfg, self.slots, self.max_len, self._kv_dtype)
             return
-        self._count("decode_steps")
-        for s in np.flatnonzero(active):
-            r = self._slot_req[s]
-            if r is not None:
-                self._on_token(int(s), r, int(toks[s]))
+        self._count("decode_calls")
+        self._count("decode_steps", len(toks))
+        rows = np.flatnonzero(active)
+        for step_toks in toks:
+            for s in rows:
+                r = reqs[s]
+                if r is not None and self._slot_req[s] is r:  # still running
+                    self._on_token(int(s), r, int(step_toks[s]))
 
     def _on_token(self, slot: int, r: Request, tok: int) -> None:
         now = time.monotonic()
