@@ -341,8 +341,9 @@ def decoder_layer(
     if cfg.qk_norm == "proj":
         q, k = norm(cfg, q, a["q_norm"]["weight"]), norm(cfg, k, a["k_norm"]["weight"])
     q, k, v = q.reshape(b, t, nh, hd), k.reshape(b, t, nkv, hd), v.reshape(b, t, nkv, hd)
-    if cfg.qk_norm == "head":
-        q, k = norm(cfg, q, a["q_norm"]["weight"]), norm(cfg, k, a["k_norm"]["weight"])
+    if cfg.qk_norm == "head":  # over (b, t * heads, head_dim): a per-row weight broadcasts too
+        q = norm(cfg, q.reshape(b, t * nh, hd), a["q_norm"]["weight"]).reshape(q.shape)
+        k = norm(cfg, k.reshape(b, t * nkv, hd), a["k_norm"]["weight"]).reshape(k.shape)
     cos, sin = cfg.ropes[kind].cos_sin(positions)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     if kv is not None:

@@ -236,3 +236,77 @@ def test_family_defaults_follow_transformers():
         theirs = hf.load_config(cls(**kw, pad_token_id=0, bos_token_id=1, eos_token_id=2))
         assert ours == theirs, mt
     assert hf.load_config(_llama(model_type="mistral")).sliding_window == 4096
+
+
+# ----------------------------------------------------------------------------- decode and serving
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen2_sliding", "phi3", "olmo2"])
+def test_cached_decode_equals_full_forward(tiny, tokens, family):
+    """Prefill + one token at a time through the KV cache (generate's path) == one full forward,
+    with the per-layer sliding masks and RoPE bases."""
+    path = tiny(family)
+    cfg = hf.load_config(path)
+    params = hf.load_params(path, cfg)
+    toks = jnp.asarray(tokens)
+    full = _logits(params, cfg, tokens)
+    cache = M.KVCache.create(cfg, 2, 16, jnp.float32)
+    outs = []
+    lg, cache = M.forward(params, toks[:, :7], cfg, cache=cache)
+    outs.append(lg)
+    for i in range(7, SEQ):
+        lg, cache = M.forward(params, toks[:, i:i + 1], cfg, cache=cache)
+        outs.append(lg)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), full, atol=2e-5)
+
+
+def _serve_cfg(**fields):
+    import dataclasses
+
+    from serve_tiny import CFG
+
+    return dataclasses.replace(CFG, **fields)
+
+
+GEMMA2_LIKE = dict(model_type="gemma2", norm_offset=True, embed_scale=True,
+                   norm_layout="sandwich", hidden_act="gelu_pytorch_tanh", qk_norm="head",
+                   layer_types=("sliding_attention", "full_attention"), sliding_window=4,
+                   attn_logit_softcapping=20.0, final_logit_softcapping=10.0,
+                   query_pre_attn_scalar=24, sliding_rope_theta=500.0)
+
+
+def test_engine_refuses_position_dependent_rope():
+    from deltajax.serve import engine as E
+
+    cfg = _serve_cfg(rope_scaling=(("factor", 2.0), ("rope_type", "dynamic")))
+    with pytest.raises(ValueError, match="rope_type='dynamic'.*generate"):
+        E.Engine({}, cfg, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fields", [GEMMA2_LIKE, dict(fused_qkv=True, fused_gate_up=True,
+                                                      norm_layout="post", qk_norm="proj")],
+                         ids=["gemma2-like", "phi3-olmo2-like"])
+def test_engine_greedy_equals_generate(fields):
+    """The slot engine (per-layer sliding masks, soft-caps, fused projections, a delta per row)
+    answers like `generate` on the attached fine-tune."""
+    from serve_tiny import RULES, finetune, tiny_model, tiny_tokenizer
+
+    from deltajax.serve import engine as E
+    from deltajax.serve import generate as G
+
+    cfg = _serve_cfg(**fields)
+    _, base = tiny_model(cfg, seed=5)
+    tok = tiny_tokenizer()
+    comp = delta.compress(base, finetune(base, 7, big=0.3), RULES["ft-rtn"], progress=False)
+    eng = E.Engine(base, cfg, tok, deltas={"ft": comp}, slots=2, max_len=32,
+                   prefill_buckets=(16, 32), seed=0)
+    prompts = ["hello w3 w4 w5 w6 w7", "world w9"]
+    want = []
+    for params in (delta.attach(base, comp), base):
+        for p in prompts:
+            r = G.generate(params, cfg, tok, [p], max_new_tokens=10)
+            want.append([int(t) for t in r["tokens"][0][: int(r["lengths"][0])]])
+    got = eng.generate(prompts * 2, model=["ft", "ft", E.BASE, E.BASE], max_tokens=10)
+    assert [o.token_ids for o in got] == want
+    assert want[:2] != want[2:]
