@@ -152,11 +152,18 @@ def attention(
     k: Float[Array, "b s kh d"],
     v: Float[Array, "b s kh d"],
     mask: Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Float[Array, "b t h d"]:
     """Softmax attention with grouped KV heads; `mask` (b, t, s) is True where attending is allowed.
 
-    Softmax is computed in fp32. Rows with no allowed key (fully padded queries) return zeros.
+    Scores are ``q.k * scale`` (default 1/sqrt(d)), then ``softcap * tanh(s / softcap)`` when a
+    soft-cap is given (Gemma 2); both non-default settings take the XLA path. Softmax is computed
+    in fp32. Rows with no allowed key (fully padded queries) return zeros.
     """
+    if scale is not None or softcap is not None:
+        return _attention_xla(q, k, v, mask, scale=scale, softcap=softcap)
     gpu_decode = q.shape[1] == 1 and jax.default_backend() == "gpu"
     kernel = DECODE_ATTENTION == "pallas" or (DECODE_ATTENTION == "auto"
                                               and jax.device_count() == 1)
@@ -171,14 +178,16 @@ def attention(
     return _attention_xla(q, k, v, mask)
 
 
-def _attention_xla(q, k, v, mask):
+def _attention_xla(q, k, v, mask, *, scale=None, softcap=None):
     b, t, h, d = q.shape
     kh = k.shape[2]
     g = h // kh
     qg = q.reshape(b, t, kh, g, d)
     prec = _precision(q.dtype)
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=prec, preferred_element_type=jnp.float32)
-    s = s / math.sqrt(d)
+    s = s / math.sqrt(d) if scale is None else s * scale
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
     m = mask[:, None, None, :, :]
     s = jnp.where(m, s, -jnp.inf)
     smax = jnp.max(s, axis=-1, keepdims=True)

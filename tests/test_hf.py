@@ -190,19 +190,22 @@ def test_config_to_hf_round_trip(tiny, family):
 
 BAD_CONFIGS = [
     ("llama_gqa", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    (
+    (  # issue 18: both layouts, transformers would apply rope_scaling
         "llama_gqa",
-        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-        "yarn",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+         "rope_scaling": {"type": "linear", "factor": 2.0}},
+        "rope_scaling=",
     ),
-    (
-        "llama_gqa",
-        {"rope_parameters": _DELETE, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-        "dynamic",
-    ),
+    ("llama_gqa", {"rope_parameters": {"rope_type": "proportional", "factor": 2.0}},
+     "proportional"),
+    ("llama_gqa", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+                   "rope_theta": 5e5}, "rope_parameters.rope_theta"),
     ("llama_gqa", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window=True"),
-    ("llama_gqa", {"model_type": "gemma"}, "model_type='gemma'"),
+    ("qwen2", {"use_sliding_window": False,
+               "layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+    ("llama_gqa", {"model_type": "falcon"}, "model_type='falcon'"),
+    ("llama_gqa", {"model_type": "gemma"}, "architectures"),
+    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ("llama_gqa", {"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
     ("llama_gqa", {"num_key_value_heads": 3}, "num_key_value_heads=3"),
     ("llama_gqa", {"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),

@@ -76,6 +76,7 @@ from deltajax import model as M
 from deltajax import ops
 from deltajax.containers import DeltaLeaf
 from deltajax.methods import Method
+from deltajax.rope import DYNAMIC_TYPES as DYNAMIC_ROPE_TYPES
 from deltajax.serve import generate as G
 from deltajax.serve.multitenant import multitenant_matmul
 from deltajax.tree import flatten, map_with_names
@@ -483,14 +484,17 @@ def _decode_once(base, pools, state: SlotState, active, *, cfg, specs, implement
     max_len = state.k[0].shape[1]
     pos = jnp.minimum(state.pos, max_len - 1)
     cols = jnp.arange(max_len)
-    mask = cols[None, None, :] <= pos[:, None, None]
-    if cfg.sliding_window is not None:
-        mask = mask & (pos[:, None, None] - cols[None, None, :] < cfg.sliding_window)
-    h = M.embed(params, state.last[:, None])
+    causal = cols[None, None, :] <= pos[:, None, None]
+    masks = {}
+    for kind in set(cfg.layer_kinds):  # per-layer sliding windows (Gemma 2/3, Qwen2 layer_types)
+        window = cfg.window(kind)
+        masks[kind] = causal if window is None else (
+            causal & (pos[:, None, None] - cols[None, None, :] < window))
+    h = M.embed(params, state.last[:, None], cfg=cfg)
     ks, vs = [], []
     for i, lp in enumerate(params["layers"]):
-        h, (k, v) = M.decoder_layer(cfg, lp, h, pos[:, None], mask, (state.k[i], state.v[i]),
-                                    pos)
+        h, (k, v) = M.decoder_layer(cfg, lp, h, pos[:, None], masks, (state.k[i], state.v[i]),
+                                    pos, kind=cfg.layer_kind(i))
         ks.append(k)
         vs.append(v)
     logits = M.unembed(cfg, params, h)[:, 0]
@@ -758,6 +762,13 @@ class Engine:
         if buckets[0] < 1 or buckets[-1] != max_len:
             raise ValueError(f"Engine: prefill_buckets {buckets} must be >= 1 and end at "
                              f"max_len={max_len}")
+        dyn = sorted({r.rope_type for r in cfg.ropes.values()} & set(DYNAMIC_ROPE_TYPES))
+        if dyn:
+            raise ValueError(
+                f"Engine: {cfg.model_type} uses rope_type={dyn[0]!r}, whose frequencies depend on "
+                "the longest position of a batch; the slot engine cannot reproduce that per "
+                "request. Use deltajax.generate (it runs transformers' semantics)."
+            )
         if max_len > cfg.max_position_embeddings:
             log.warning("max_len %d exceeds the model's max_position_embeddings %d", max_len,
                         cfg.max_position_embeddings)
