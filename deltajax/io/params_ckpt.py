@@ -51,6 +51,7 @@ __all__ = [
     "flatten_params",
     "library_version",
     "load_params_ckpt",
+    "nonfinite_leaves",
     "param_name",
     "resolve_sharding",
     "save_params",
@@ -368,6 +369,7 @@ def load_params_ckpt(
     Raises:
       CheckpointError: missing/corrupt ``meta.json`` or array data, or arrays that do not match
         the config.
+      errors.NonFiniteError: a leaf holds NaN/Inf (as stored, or after the cast to `dtype`).
     """
     import orbax.checkpoint as ocp
 
@@ -401,7 +403,37 @@ def load_params_ckpt(
             params = ckptr.restore(path, target)
     except Exception as e:  # orbax/tensorstore raise many kinds; report them as one error type
         raise CheckpointError(ckpt_dir, [f"cannot restore arrays from {path}: {e}"]) from e
+    _check_finite_leaves(ckpt_dir, params, stored_dtypes, meta.get("param_dtype"), dtype)
     return params, cfg
+
+
+@jax.jit
+def _nonfinite_counts(tree):
+    return jax.tree.map(lambda x: jnp.sum(~jnp.isfinite(x)) if jnp.issubdtype(
+        x.dtype, jnp.floating) else jnp.zeros((), jnp.int32), tree)
+
+
+def nonfinite_leaves(params) -> dict[str, int]:
+    """{dotted name: NaN/Inf count} of the leaves holding any (one reduction per leaf, one
+    device-to-host transfer for the whole tree)."""
+    counts = jax.device_get(_nonfinite_counts(params))
+    return {n: int(c) for n, c in flatten_params(counts).items() if int(c)}
+
+
+def _check_finite_leaves(ckpt_dir, params, stored_dtypes, param_dtype, dtype) -> None:
+    from deltajax.errors import NonFiniteError
+
+    bad = nonfinite_leaves(params)
+    if not bad:
+        return
+    name, n = next(iter(bad.items()))
+    stored = stored_dtypes.get(name, param_dtype)
+    cast = dtype is not None and jnp.dtype(dtype).name != stored
+    how = (f"after casting {stored} -> {jnp.dtype(dtype).name} (values beyond its range, or "
+           "stored so)" if cast else "as stored (a corrupt checkpoint or a diverged fine-tune)")
+    more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
+    raise NonFiniteError(f"{ckpt_dir}: '{name}' holds {n} NaN/Inf entries {how}{more}; "
+                         "refusing to use it", name=name, count=n)
 
 
 def _check_orbax_metadata(ckpt_dir, path: Path, expected: dict[str, tuple[int, ...]]) -> None:

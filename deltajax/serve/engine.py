@@ -739,9 +739,10 @@ class Engine:
         self.prefills_per_step, self.default_max_tokens = prefills_per_step, default_max_tokens
         self.implementation, self.interpret = implementation, interpret
         self._tok_lock = threading.Lock()
-        self._base_fp: str | None = None
+        self._base_fp: dict[int, str] | None = None
         if dtype is not None:  # deltas are checked against the stored base: fingerprint first
-            self._fingerprint_of(params)
+            for version in (1, 2):  # format-1 deltas carry the sampled fingerprint
+                self._fingerprint_of(params, version)
             params = jax.tree.map(lambda w: w.astype(dtype), params)
         self._base = params
         self._base_flat = flatten(params)
@@ -823,15 +824,18 @@ class Engine:
         ft = _FineTune(name=name, source=src, layout=layout, arrays=arrays)
         return self._in_engine(lambda: self._register(ft))
 
-    def _fingerprint_of(self, params) -> str:
+    def _fingerprint_of(self, params, version: int = 2) -> str:
+        """`io.delta_ckpt.fingerprint` of the base, computed once per fingerprint version."""
         from deltajax.io import delta_ckpt
 
         if self._base_fp is None:
-            self._base_fp = delta_ckpt.fingerprint(params)
-        return self._base_fp
+            self._base_fp = {}
+        if version not in self._base_fp:
+            self._base_fp[version] = delta_ckpt.fingerprint(params, version=version)
+        return self._base_fp[version]
 
-    def _fingerprint(self) -> str:
-        return self._fingerprint_of(self._base)
+    def _fingerprint(self, version: int = 2) -> str:
+        return self._fingerprint_of(self._base, version)
 
     def _read_delta(self, path: str) -> dict[str, DeltaLeaf]:
         """`io.delta_ckpt.load_delta` of `path`, refused unless it was made from this base
@@ -843,12 +847,7 @@ class Engine:
             raise FineTuneError(f"delta path {path} is not a directory", param="lora_path")
         try:
             meta = delta_ckpt.read_delta_meta(path)
-            fp = self._fingerprint()
-            if meta.get("base_fingerprint") != fp:
-                raise delta_ckpt.WrongBaseError(
-                    f"{path}: this delta was made from a different base model (fingerprint "
-                    f"{meta.get('base_fingerprint')} != {fp}); load it onto the base it was "
-                    "compressed against")
+            delta_ckpt.verify_base(path, meta, self._fingerprint)
             compressed, _ = delta_ckpt.load_delta(path, cfg=self.cfg, check_base=False)
         except delta_ckpt.WrongBaseError as e:
             raise FineTuneError(str(e), param="lora_path", code="wrong_base") from None
