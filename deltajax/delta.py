@@ -44,6 +44,10 @@ class DeltaError(ValueError):
     """Base and fine-tuned params (or a delta and its base) do not fit together."""
 
 
+class NonFiniteDeltaError(DeltaError, NonFiniteError):
+    """The delta of some leaves holds NaN/Inf (`name`: the first of them)."""
+
+
 # -------------------------------------------------------------------------------------- extract
 
 
@@ -91,7 +95,8 @@ def extract(base, finetuned, *, base_cfg=None, ft_cfg=None, allow_nonfinite: boo
     deltas = _sub(finetuned, base)
     rep = delta_report(deltas)
     if rep["nonfinite"] and not allow_nonfinite:
-        raise DeltaError("NaN/Inf in the delta of: " + ", ".join(rep["nonfinite"]))
+        raise NonFiniteDeltaError("NaN/Inf in the delta of: " + ", ".join(rep["nonfinite"]),
+                                  name=rep["nonfinite"][0])
     return deltas
 
 
@@ -321,7 +326,7 @@ def _compress_streaming(base_dir, ft_dir, rules, *, key, progress: bool = True,
                 continue
             out[name] = compress_leaf(r.method, name, d, key=key)
     if bad:
-        raise DeltaError("NaN/Inf in the delta of: " + ", ".join(bad))
+        raise NonFiniteDeltaError("NaN/Inf in the delta of: " + ", ".join(bad), name=bad[0])
     return out
 
 
@@ -454,6 +459,6 @@ def errors_by_type(rel: Mapping[str, float]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
-__all__ = ["BudgetError", "DeltaError", "NonFiniteError", "attach", "check_budgets",
-           "check_pair", "compress", "delta_report", "errors_by_type",
+__all__ = ["BudgetError", "DeltaError", "NonFiniteDeltaError", "NonFiniteError", "attach",
+           "check_budgets", "check_pair", "compress", "delta_report", "errors_by_type",
            "extract", "merge", "relative_errors", "report"]
