@@ -178,7 +178,7 @@ class DeltaCoMe(Method):
             raise BudgetError(
                 f"deltacome: ratio {self.ratio:g} is impossible for a {(n, k)} delta "
                 f"(budget={self.budget!r}): not one singular vector pair fits "
-                f"{self.ratio * 2 * n * k:.1f} bytes, the delta would be empty; the smallest "
+                f"{self.ratio * 2 * n * k:.3g} bytes, the delta would be empty; the smallest "
                 f"ratio that works is {need:g} (1/{1 / need:.4g})", min_ratio=need)
 
     def allocation(self, n: int, k: int) -> tuple[tuple[int, int], ...]:
