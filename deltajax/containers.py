@@ -633,7 +633,8 @@ def check_finite_flags(flags, method, name: str, shape) -> None:
     if not ok_out:
         raise NonFiniteError(
             f"{name}: {method.name} produced NaN/Inf from a finite delta of shape "
-            f"{tuple(shape)} (a numerical failure of the method; try other options)", name=name)
+            f"{tuple(shape)} (a numerical failure, or values beyond the range of its storage "
+            "dtype; try other options)", name=name)
 
 
 def leaf_key(key: jax.Array, name: str) -> jax.Array:

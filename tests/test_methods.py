@@ -243,7 +243,7 @@ def test_delta_checkpoint_refuses_wrong_base_and_save_is_atomic(tmp_path, monkey
         delta.attach(base, {"nope.weight": comp["norm.weight"]})
 
 
-def test_streaming_compress_checkpoint_equals_in_memory(tmp_path):
+def test_streaming_compress_checkpoint_equals_in_memory(tmp_path, monkeypatch):
     import torch
     from hf_tiny import make_tiny_hf
 
@@ -268,6 +268,16 @@ def test_streaming_compress_checkpoint_equals_in_memory(tmp_path):
         for x, y in zip(jax.tree.leaves(got[n]), jax.tree.leaves(ref[n])):
             np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
                                        atol=1e-6)
+    # an impossible budget is refused before any tensor data is read
+    from deltajax.errors import BudgetError
+    from deltajax.io import tensor_io
+
+    def no_read(*a, **k):
+        raise AssertionError("a tensor was read before the budget check")
+
+    monkeypatch.setattr(tensor_io, "read_tensor", no_read)
+    with pytest.raises(BudgetError, match="lowrank: ratio 0.001 is impossible"):
+        delta.compress(str(b), str(f), LowRank(ratio=1e-3), progress=False)
 
 
 # ------------------------------------------------------------------ non-finite deltas, budgets
