@@ -669,3 +669,17 @@ def test_nonfinite_leaf_of_converted_checkpoint_refused(tiny, tmp_path):
     checkpoint.load_params_ckpt(tmp_path / "b")
     with pytest.raises(NonFiniteError, match=r"embed_tokens\.weight.*float32 -> float16"):
         checkpoint.load_params_ckpt(tmp_path / "b", dtype="float16")
+
+
+def test_cast_params_refuses_overflow_naming_the_leaf():
+    from deltajax.errors import NonFiniteError
+
+    params = {"a": {"weight": jnp.ones((3, 4))},
+              "b": {"weight": jnp.zeros((2, 2)).at[1, 0].set(7e4)}}  # > float16 max 65504
+    out = checkpoint.cast_params(params, "bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+    with pytest.raises(NonFiniteError, match=r"base: 'b\.weight' has 1 entries NaN/Inf after "
+                       r"casting float32 -> float16"):
+        checkpoint.cast_params(params, "float16", what="base")
+    ok = checkpoint.cast_params({"a": params["a"]}, jnp.float16)
+    np.testing.assert_array_equal(np.asarray(ok["a"]["weight"], np.float32), 1.0)

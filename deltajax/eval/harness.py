@@ -472,7 +472,7 @@ def markdown_table(report: Mapping) -> str:
         return "n/a" if not math.isfinite(g) else _fmt(g, ".0f" if k == "gsm8k_acc" else ".1f",
                                                           pct=True)
 
-    def metric_cells(m, _gains=None):
+    def metric_cells(m):
         c = [_fmt(m["wikitext2_ppl"]), _fmt(m["domain_ppl"]), _fmt(m["kl"], ".3g")]
         if has_acc:
             c += [f"{100 * m['gsm8k_acc']:.1f}% ± {100 * m['gsm8k_stderr']:.1f}",
@@ -487,7 +487,7 @@ def markdown_table(report: Mapping) -> str:
         cells = [r["label"], str(r.get("target") or "–"), f"{r['linear_ratio']:.1f}x",
                  f"{r['whole_ratio']:.2f}x", f"{r['bits_per_param']:.3f}",
                  _fmt(r["rel_error"])]
-        lines.append("| " + " | ".join(cells + metric_cells(r["metrics"], r["gain_kept"]))
+        lines.append("| " + " | ".join(cells + metric_cells(r["metrics"]))
                      + " |")
     return "\n".join(lines)
 

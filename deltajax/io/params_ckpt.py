@@ -44,6 +44,7 @@ __all__ = [
     "CheckpointError",
     "ShardingSpec",
     "atomic_dir",
+    "cast_params",
     "check_destination",
     "check_params",
     "config_from_json",
@@ -418,6 +419,28 @@ def nonfinite_leaves(params) -> dict[str, int]:
     device-to-host transfer for the whole tree)."""
     counts = jax.device_get(_nonfinite_counts(params))
     return {n: int(c) for n, c in flatten_params(counts).items() if int(c)}
+
+
+def cast_params(params, dtype, *, what: str = "params"):
+    """Every floating leaf of `params` cast to `dtype`, refusing a cast that makes a value
+    NaN/Inf (e.g. a float32 weight beyond float16's range): `errors.NonFiniteError` naming the
+    leaf. One reduction per leaf on the device, one transfer of the counts."""
+    from deltajax.errors import NonFiniteError
+
+    dt = jnp.dtype(dtype)
+    before = nonfinite_leaves(params)
+    out = jax.tree.map(lambda w: w.astype(dt) if jnp.issubdtype(w.dtype, jnp.floating) else w,
+                       params)
+    new = {n: c for n, c in nonfinite_leaves(out).items() if n not in before}
+    if new:
+        name, n = next(iter(new.items()))
+        src = jnp.dtype(flatten_params(params)[name].dtype).name
+        more = f" (and {len(new) - 1} more leaves)" if len(new) > 1 else ""
+        raise NonFiniteError(
+            f"{what}: '{name}' has {n} entries NaN/Inf after casting {src} -> {dt.name} (values "
+            f"beyond its range){more}; choose a wider dtype (bfloat16 or float32)",
+            name=name, count=n)
+    return out
 
 
 def _check_finite_leaves(ckpt_dir, params, stored_dtypes, param_dtype, dtype) -> None:

@@ -75,6 +75,7 @@ import numpy as np
 from deltajax import model as M
 from deltajax import ops
 from deltajax.containers import DeltaLeaf
+from deltajax.io.params_ckpt import cast_params
 from deltajax.methods import Method
 from deltajax.serve import generate as G
 from deltajax.serve.multitenant import multitenant_matmul
@@ -743,7 +744,7 @@ class Engine:
         if dtype is not None:  # deltas are checked against the stored base: fingerprint first
             for version in (1, 2):  # format-1 deltas carry the sampled fingerprint
                 self._fingerprint_of(params, version)
-            params = jax.tree.map(lambda w: w.astype(dtype), params)
+            params = cast_params(params, dtype, what="base")  # refuses a cast to Inf
         self._base = params
         self._base_flat = flatten(params)
         self._kv_dtype = kv_dtype or getattr(params["embed_tokens"]["weight"], "dtype",
