@@ -35,13 +35,13 @@ def ceil_sig(x: float, digits: int = 3) -> float:
 
 def ratio_range_error(method: str, ratio, *, below_one: bool = True) -> BudgetError | None:
     """A `BudgetError` for a ratio outside (0, 1) ((0, 1] with below_one=False), else None."""
-    ok = 0 < ratio < 1 if below_one else 0 < ratio <= 1
-    if isinstance(ratio, (int, float)) and ok:
+    number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+    if number and (0 < ratio < 1 if below_one else 0 < ratio <= 1):
         return None
     hi = "1)" if below_one else "1]"
     why = (" (a ratio >= 1 stores at least as many bytes as the 16-bit delta itself: store "
-           "it densely with the keep method instead)" if below_one and isinstance(
-               ratio, (int, float)) and ratio >= 1 else "")
+           "it densely with the keep method instead)" if below_one and number and ratio >= 1
+           else "")
     return BudgetError(f"{method}: ratio must be in (0, {hi}, got {ratio!r}{why}")
 
 
