@@ -30,6 +30,7 @@ from absl import flags
 
 from deltajax import cli, compress, delta, load_model, save_delta
 from deltajax.io.params_ckpt import check_destination
+from deltajax.io.resolve import load_model_config
 from deltajax.parallel import sharding
 
 FLAGS = flags.FLAGS
@@ -49,6 +50,10 @@ def main(argv):
     run_config = _CONFIG.value
     t0 = time.perf_counter()
     check_destination(FLAGS.out, FLAGS.overwrite)  # fail before the expensive work
+    with cli.about("base"):
+        base_cfg = load_model_config(FLAGS.base)
+    with cli.about("config"):  # an impossible budget is refused before any weight is read
+        delta.check_budgets(run_config, base_cfg)
     mesh = sharding.mesh_from_flag(FLAGS.mesh, tag="compress")
     with cli.about("base"):
         base, cfg, tok, _ = load_model(FLAGS.base, mesh=mesh)

@@ -16,6 +16,7 @@ LAYERS = {
     "pallas_kernels": 0,
     "deltajax.tree": 0,
     "deltajax.rope": 0,
+    "deltajax.errors": 0,
     "deltajax.data": 0,
     "deltajax.quant": 0,
     "deltajax.jax_cache": 0,

@@ -23,6 +23,7 @@ from deltajax.containers import (
 )
 from deltajax.methods import gptq_core as gptq
 from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.common import check_quant_fields
 
 
 @method_dataclass
@@ -38,6 +39,11 @@ class GPTQ(Method):
     static_groups: bool = True
     percdamp: float = 0.01
     scale_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        check_quant_fields(self)
+        if not 0 <= self.percdamp:
+            raise ValueError(f"gptq: percdamp must be >= 0, got {self.percdamp}")
 
     def compress(self, delta, *, key=None, stats=None) -> QuantizedMatrix:
         sdt = SCALE_DTYPES[self.scale_dtype]

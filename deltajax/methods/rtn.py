@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from deltajax.containers import SCALE_DTYPES, QuantizedMatrix, quantize_rtn
 from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.common import check_quant_fields
 
 
 @method_dataclass
@@ -21,6 +22,9 @@ class RTN(Method):
     group: int = 128
     sym: bool = False
     scale_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        check_quant_fields(self)
 
     def compress(self, delta, *, key=None, stats=None) -> QuantizedMatrix:
         return quantize_rtn(delta, bits=self.bits, group=self.group, sym=self.sym,

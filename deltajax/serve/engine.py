@@ -75,6 +75,7 @@ import numpy as np
 from deltajax import model as M
 from deltajax import ops
 from deltajax.containers import DeltaLeaf
+from deltajax.io.params_ckpt import cast_params
 from deltajax.methods import Method
 from deltajax.rope import DYNAMIC_TYPES as DYNAMIC_ROPE_TYPES
 from deltajax.serve import generate as G
@@ -779,10 +780,11 @@ class Engine:
         self.implementation, self.interpret = implementation, interpret
         self.decode_steps = decode_steps
         self._tok_lock = threading.Lock()
-        self._base_fp: str | None = None
+        self._base_fp: dict[int, str] | None = None
         if dtype is not None:  # deltas are checked against the stored base: fingerprint first
-            self._fingerprint_of(params)
-            params = jax.tree.map(lambda w: w.astype(dtype), params)
+            for version in (1, 2):  # format-1 deltas carry the sampled fingerprint
+                self._fingerprint_of(params, version)
+            params = cast_params(params, dtype, what="base")  # refuses a cast to Inf
         self._base = params
         self._base_flat = flatten(params)
         self._kv_dtype = kv_dtype or getattr(params["embed_tokens"]["weight"], "dtype",
@@ -863,15 +865,18 @@ class Engine:
         ft = _FineTune(name=name, source=src, layout=layout, arrays=arrays)
         return self._in_engine(lambda: self._register(ft))
 
-    def _fingerprint_of(self, params) -> str:
+    def _fingerprint_of(self, params, version: int = 2) -> str:
+        """`io.delta_ckpt.fingerprint` of the base, computed once per fingerprint version."""
         from deltajax.io import delta_ckpt
 
         if self._base_fp is None:
-            self._base_fp = delta_ckpt.fingerprint(params)
-        return self._base_fp
+            self._base_fp = {}
+        if version not in self._base_fp:
+            self._base_fp[version] = delta_ckpt.fingerprint(params, version=version)
+        return self._base_fp[version]
 
-    def _fingerprint(self) -> str:
-        return self._fingerprint_of(self._base)
+    def _fingerprint(self, version: int = 2) -> str:
+        return self._fingerprint_of(self._base, version)
 
     def _read_delta(self, path: str) -> dict[str, DeltaLeaf]:
         """`io.delta_ckpt.load_delta` of `path`, refused unless it was made from this base
@@ -883,12 +888,7 @@ class Engine:
             raise FineTuneError(f"delta path {path} is not a directory", param="lora_path")
         try:
             meta = delta_ckpt.read_delta_meta(path)
-            fp = self._fingerprint()
-            if meta.get("base_fingerprint") != fp:
-                raise delta_ckpt.WrongBaseError(
-                    f"{path}: this delta was made from a different base model (fingerprint "
-                    f"{meta.get('base_fingerprint')} != {fp}); load it onto the base it was "
-                    "compressed against")
+            delta_ckpt.verify_base(path, meta, self._fingerprint)
             compressed, _ = delta_ckpt.load_delta(path, cfg=self.cfg, check_base=False)
         except delta_ckpt.WrongBaseError as e:
             raise FineTuneError(str(e), param="lora_path", code="wrong_base") from None
