@@ -24,12 +24,12 @@ JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM, Open MPI).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import jax
 from absl import flags
 
 from deltajax import cli, compress, delta, load_model, save_delta
-from deltajax.io.params_ckpt import check_destination
 from deltajax.parallel import sharding
 
 FLAGS = flags.FLAGS
@@ -48,7 +48,11 @@ def main(argv):
     cli.no_extra_args(argv)
     run_config = _CONFIG.value
     t0 = time.perf_counter()
-    check_destination(FLAGS.out, FLAGS.overwrite)  # fail before the expensive work
+    cli.check_out(FLAGS.out, FLAGS.overwrite, models=[FLAGS.base, FLAGS.finetuned],
+                  inputs=[FLAGS.config, run_config.calib_data])  # fail before any work
+    calib = run_config.calib_data
+    if calib is not None and not Path(calib).expanduser().is_file():
+        raise FileNotFoundError(f"--config.calib_data: calibration file {calib} does not exist")
     mesh = sharding.mesh_from_flag(FLAGS.mesh, tag="compress")
     with cli.about("base"):
         base, cfg, tok, _ = load_model(FLAGS.base, mesh=mesh)

@@ -38,8 +38,7 @@ _MESH = flags.DEFINE_string(
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    cli.check_out(_OUT.value, _OVERWRITE.value, inputs=[_HF_DIR.value])  # before any work
     mesh = sharding.mesh_from_flag(_MESH.value, tag="convert")
     shard = None if mesh is None else sharding.param_sharding_fn(mesh)
     s = hf.convert_hf_to_checkpoint(

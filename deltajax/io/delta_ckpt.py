@@ -32,6 +32,8 @@ from deltajax.io.params_ckpt import (
     config_from_json,
     config_to_json,
     library_version,
+    quiet_failed_reads,
+    restore_problem,
 )
 from deltajax.methods import method_from_config
 from deltajax.tree import flatten
@@ -116,6 +118,9 @@ def save_delta(
 
 def read_delta_meta(path: str | os.PathLike) -> dict:
     p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} does not exist" if not p.exists() else
+                                f"{p} is not a directory (a compressed delta is a directory)")
     if not (p / META).is_file():
         raise CheckpointError(p, [f"no {META}: not a deltajax compressed-delta directory"])
     try:
@@ -175,10 +180,12 @@ def load_delta(path: str | os.PathLike, *, base_params=None, cfg=None,
         targets[info["key"]] = {_key(jax.tree_util.keystr(kp)): jax.ShapeDtypeStruct(x.shape,
                                 x.dtype) for kp, x in leaves}
     try:
-        with ocp.StandardCheckpointer() as ck:
+        with quiet_failed_reads(), ocp.StandardCheckpointer() as ck:
             arrays = ck.restore((p / ARRAYS).absolute(), targets)
     except Exception as e:
-        raise CheckpointError(p, [f"cannot restore arrays: {e}"]) from e
+        names = {info["key"]: n for n, info in meta["leaves"].items()}
+        raise CheckpointError(p, [restore_problem(e, lambda k: names.get(k.split(".")[0]))]) \
+            from e
     out = {}
     for name, info in meta["leaves"].items():
         m, shape, c = abstract[name]

@@ -22,6 +22,15 @@ import jax
 import jax.numpy as jnp
 
 
+def check_int_range(owner: str, field: str, value, lo: int, hi: int | None = None) -> None:
+    """Raise ValueError naming ``owner.field`` unless `value` is an int in [lo, hi]."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo \
+        and (hi is None or value <= hi)
+    if not ok:
+        want = f"an int in {lo}..{hi}" if hi is not None else f"an int >= {lo}"
+        raise ValueError(f"{owner}.{field} must be {want}, got {value!r}")
+
+
 def method_dataclass(cls):
     """Decorator: frozen, keyword-only, hashable dataclass (a static jit argument)."""
     return dataclasses.dataclass(frozen=True, kw_only=True)(cls)

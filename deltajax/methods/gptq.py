@@ -22,7 +22,7 @@ from deltajax.containers import (
     quantize_rtn,
 )
 from deltajax.methods import gptq_core as gptq
-from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.base import Method, check_int_range, method_dataclass
 
 
 @method_dataclass
@@ -38,6 +38,10 @@ class GPTQ(Method):
     static_groups: bool = True
     percdamp: float = 0.01
     scale_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        check_int_range("GPTQ", "bits", self.bits, 1, 8)
+        check_int_range("GPTQ", "group", self.group, 1)
 
     def compress(self, delta, *, key=None, stats=None) -> QuantizedMatrix:
         sdt = SCALE_DTYPES[self.scale_dtype]

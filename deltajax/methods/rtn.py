@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from deltajax.containers import SCALE_DTYPES, QuantizedMatrix, quantize_rtn
-from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.base import Method, check_int_range, method_dataclass
 
 
 @method_dataclass
@@ -21,6 +21,10 @@ class RTN(Method):
     group: int = 128
     sym: bool = False
     scale_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        check_int_range("RTN", "bits", self.bits, 1, 8)
+        check_int_range("RTN", "group", self.group, 1)
 
     def compress(self, delta, *, key=None, stats=None) -> QuantizedMatrix:
         return quantize_rtn(delta, bits=self.bits, group=self.group, sym=self.sym,
