@@ -139,8 +139,8 @@ def _check_numeric(hf: Mapping) -> None:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (
             tp is float or float(v).is_integer())
         if not ok:
-            raise ValueError(f"Hugging Face config: {k}: expected {'an int' if tp is int else 'a '
-                             'number'}, got {v!r}")
+            want = "an int" if tp is int else "a number"
+            raise ValueError(f"Hugging Face config: {k}: expected {want}, got {v!r}")
         if not v >= lo or (tp is float and not abs(v) < float("inf")):
             raise ValueError(f"Hugging Face config: {k}: must be >= {lo}, got {v!r}")
 
