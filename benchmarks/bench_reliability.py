@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import importlib.util
 import io
@@ -130,6 +131,7 @@ def run_script(script: str, argv: list[str], *, env: dict | None = None,
             except BaseException:  # noqa: BLE001 - what the shell would print
                 rc, crashed = 1, True
                 traceback.print_exc(file=err)
+            gc.collect()  # what the garbage of this run prints belongs to this run
     finally:
         os.chdir(old_cwd)
         sys.argv = old_argv
@@ -402,6 +404,21 @@ def _corrupt_ckpt(ctx):
     data[0].write_bytes(data[0].read_bytes()[:100])  # truncated array data
 
 
+def _corrupt_delta(ctx):
+    c = ctx.ws.copy("delta", ctx.tmp)
+    ctx.copies["delta"] = c
+    data = max((p for p in (c / "arrays").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:100])
+
+
+def _truncated_safetensors(ctx):
+    c = ctx.ws.copy("base", ctx.tmp)
+    ctx.copies["base"] = c
+    f = c / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
 def _bad_vocab(ctx):
     c = ctx.ws.copy("base", ctx.tmp)
     ctx.copies["base"] = c
@@ -621,6 +638,12 @@ CASES: list[Case] = [
     Case(EARLY, "generate: corrupt converted checkpoint (truncated array file)", "generate.py",
          ("--base={tmp}/ckpt-copy", "--prompt=hello"), needles=("--base", "weight"),
          setup=_corrupt_ckpt),
+    Case(EARLY, "generate: corrupt delta (truncated array file)", "generate.py",
+         (*GEN, "--delta={tmp}/delta-copy", "--prompt=hello"),
+         needles=("--delta", "truncated or corrupt"), setup=_corrupt_delta),
+    Case(EARLY, "convert: truncated model.safetensors", "convert.py",
+         ("--hf_dir={tmp}/base-copy", OUT), needles=("--hf_dir", "model.safetensors"),
+         setup=_truncated_safetensors, check=_no_out()),
     Case(EARLY, "eval: missing --delta directory", "eval.py",
          (B, F, "--delta={tmp}/nodelta", "--out={tmp}/e.md"),
          needles=("--delta", "does not exist"), early=True),
@@ -635,7 +658,7 @@ CASES: list[Case] = [
          (B, F, "--delta={delta}", "--out={tmp}/afile/e.md"), needles=("--out", "afile"),
          early=True, setup=_a_file),
     Case(EARLY, "convert: missing --hf_dir", "convert.py",
-         ("--hf_dir={tmp}/nope", OUT), needles=("nope",), check=_no_out()),
+         ("--hf_dir={tmp}/nope", OUT), needles=("--hf_dir", "nope"), check=_no_out()),
     Case(EARLY, "convert: --dtype=int3", "convert.py", ("--hf_dir={base}", OUT, "--dtype=int3"),
          needles=("--dtype",), early=True),
     Case(EARLY, "convert: unwritable --out", "convert.py",

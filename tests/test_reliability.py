@@ -166,3 +166,208 @@ def test_unwritable_destination_is_refused_before_any_work(tmp_path):
             ck.check_destination(ro / "out", False)
     finally:
         ro.chmod(0o700)
+
+
+# ------------------------------------------------------------------------ scripts, in process
+
+
+@pytest.fixture(scope="module")
+def runner():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_reliability
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return bench_reliability
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny HF base and a fine-tune of it (the fine-tune: the base with other seeds)."""
+    from hf_tiny import make_tiny_hf
+
+    root = tmp_path_factory.mktemp("pair")
+    return make_tiny_hf("llama_gqa", root / "base", seed=0), \
+        make_tiny_hf("llama_gqa", root / "ft", seed=1)
+
+
+def _one_error(o, *needles):
+    lines = [ln for ln in o.stderr.splitlines() if ln.strip()]
+    assert o.rc == 1 and not o.crashed, (o.rc, o.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), o.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("target", ["ft", "base", "ft/sub", "parent"])
+def test_compress_refuses_an_out_over_its_inputs_even_with_overwrite(runner, pair, tmp_path,
+                                                                     target):
+    base = tmp_path / "base"
+    ft = tmp_path / "ft"
+    ck.shutil.copytree(pair[0], base)
+    ck.shutil.copytree(pair[1], ft)
+    before = {d: _tree(d) for d in (base, ft)}
+    out = {"ft": ft, "base": base, "ft/sub": ft / "sub", "parent": tmp_path}[target]
+    o = runner.run_script("compress.py", [f"--base={base}", f"--finetuned={ft}", f"--out={out}",
+                                          "--overwrite", "--config.method.group=32"])
+    _one_error(o, "--out", "input")
+    assert o.loads == 0  # refused before any model was loaded
+    assert {d: _tree(d) for d in (base, ft)} == before
+
+
+def test_convert_and_export_refuse_their_source_as_out(runner, pair, tmp_path):
+    src = tmp_path / "src"
+    ck.shutil.copytree(pair[0], src)
+    before = _tree(src)
+    _one_error(runner.run_script("convert.py", [f"--hf_dir={src}", f"--out={src}",
+                                                "--overwrite"]), "--out", "input")
+    _one_error(runner.run_script("convert.py", [f"--hf_dir={src}", f"--out={src}/ckpt"]),
+               "--out", "lies inside")
+    assert _tree(src) == before
+    ckpt = tmp_path / "ckpt"
+    assert runner.run_script("convert.py", [f"--hf_dir={src}", f"--out={ckpt}"]).rc == 0
+    saved = _tree(ckpt)
+    _one_error(runner.run_script("export_hf.py", [f"--ckpt={ckpt}", f"--out={ckpt}",
+                                                  "--overwrite"]), "--out", "input")
+    assert _tree(ckpt) == saved
+
+
+def test_eval_refuses_to_replace_a_report_without_overwrite(runner, pair, tmp_path):
+    report = tmp_path / "eval.md"
+    report.write_text("earlier report\n")
+    delta = tmp_path / "d"
+    delta.mkdir()
+    o = runner.run_script("eval.py", [f"--base={pair[0]}", f"--finetuned={pair[1]}",
+                                      f"--delta={delta}", f"--out={report}"])
+    _one_error(o, "--out", "--overwrite")
+    assert o.loads == 0 and report.read_text() == "earlier report\n"
+    o = runner.run_script("eval.py", [f"--base={pair[0]}", f"--finetuned={pair[1]}",
+                                      f"--delta={delta}", f"--out={pair[1]}/eval.md"])
+    _one_error(o, "--out", "lies inside")
+    assert not (pair[1] / "eval.md").exists()
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--prompt="], ["--prompt", "empty"]),
+    (["--prompt=hi", "--max_new_tokens=0"], ["--max_new_tokens"]),
+    (["--prompt=hi", "--temperature=-1"], ["--temperature"]),
+    (["--prompt=hi", "--temperature=inf"], ["--temperature"]),
+    (["--prompt=hi", "--top_p=1.5"], ["--top_p"]),
+    (["--prompt=hi", "--top_k=-1"], ["--top_k"]),
+    (["--prompt=hi", "--delta=/nonexistent/d"], ["--delta", "does not exist"]),
+])
+def test_generate_option_mistakes_are_one_line_before_loading(runner, pair, args, needles):
+    o = runner.run_script("generate.py", [f"--base={pair[0]}", *args])
+    _one_error(o, *needles)
+    assert o.loads == 0
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--config.method.bits=33"], ["--config.method.bits=33", "RTN.bits", "1..8"]),
+    (["--config.method.bits=0"], ["RTN.bits"]),
+    (["--config.method.group=0"], ["RTN.group"]),
+    (["--config.calib_data=/nonexistent/c.jsonl"], ["--config.calib_data", "does not exist"]),
+    (["--out=/proc/deltajax-x"], ["--out", "/proc"]),
+    (["--mesh=data:3"], ["--mesh"]),
+])
+def test_compress_option_mistakes_are_one_line_before_loading(runner, pair, tmp_path, args,
+                                                             needles):
+    argv = [f"--base={pair[0]}", f"--finetuned={pair[1]}", f"--out={tmp_path}/o", *args]
+    o = runner.run_script("compress.py", argv)
+    _one_error(o, *needles)
+    assert o.loads == 0
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--steps=0"], ["--steps"]), (["--batch_size=0"], ["--batch_size"]),
+    (["--lr=-1"], ["--lr"]),
+])
+def test_finetune_option_mistakes_are_one_line_before_loading(runner, pair, tmp_path, args,
+                                                             needles):
+    o = runner.run_script("finetune.py", [f"--base={pair[0]}", f"--out={tmp_path}/o", *args])
+    _one_error(o, *needles)
+    assert o.loads == 0
+
+
+def test_verbosity_1_shows_the_traceback_of_a_user_error(runner, pair, tmp_path):
+    argv = [f"--base={pair[0]}", f"--finetuned={pair[1]}", f"--out={tmp_path}/o",
+            "--config.method.bitz=4"]
+    _one_error(runner.run_script("compress.py", argv), "bitz")
+    o = runner.run_script("compress.py", [*argv, "--verbosity=1"])
+    assert o.rc != 0 and "Traceback" in o.stderr and "bitz" in o.stderr
+
+
+@pytest.mark.slow  # compresses / generates (~5 s)
+def test_config_default_is_the_packages_whatever_the_cwd(runner, pair, tmp_path):
+    (tmp_path / "configs").mkdir()  # a cwd with its own configs/rtn4.py must not be used
+    (tmp_path / "configs" / "rtn4.py").write_text("raise RuntimeError('the cwd copy')\n")
+    o = runner.run_script("compress.py", [f"--base={pair[0]}", f"--finetuned={pair[1]}",
+                                          f"--out={tmp_path}/o", "--config.method.group=32"],
+                          cwd=tmp_path)
+    assert o.rc == 0, o.stderr[-2000:]
+    assert (tmp_path / "o" / "meta.json").is_file()
+
+
+@pytest.mark.slow  # compresses / generates (~5 s)
+def test_convert_keeps_the_tokenizer_so_the_checkpoint_generates(runner, pair, tmp_path):
+    from bench_reliability import _tiny_tokenizer
+
+    src = tmp_path / "src"
+    ck.shutil.copytree(pair[0], src)
+    _tiny_tokenizer(src)
+    ckpt = tmp_path / "ckpt"
+    assert runner.run_script("convert.py", [f"--hf_dir={src}", f"--out={ckpt}"]).rc == 0
+    assert (ckpt / "tokenizer.json").is_file()
+    o = runner.run_script("generate.py", [f"--base={ckpt}", "--prompt=hello w1",
+                                          "--max_new_tokens=2"])
+    assert o.rc == 0, o.stderr[-2000:]
+    assert "tokens/s" in o.stdout
+
+
+def test_corrupt_checkpoint_error_names_the_leaf(runner, pair, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    from deltajax.io import hf
+
+    hf.convert_hf_to_checkpoint(pair[0], ckpt)
+    data = max((p for p in (ckpt / "params").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:100])
+    o = runner.run_script("export_hf.py", [f"--ckpt={ckpt}", f"--out={tmp_path}/hf"])
+    line = _one_error(o, "--ckpt", "truncated or corrupt")
+    assert "layers." in line or "embed_tokens" in line or "lm_head" in line, line
+    assert "TensorStore" not in line and "slice(" not in line, line
+
+
+def test_config_json_attribute_of_the_wrong_type_is_named(tmp_path, pair):
+    import json
+
+    from deltajax.io import hf
+
+    d = tmp_path / "m"
+    ck.shutil.copytree(pair[0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] = [64]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"vocab_size: expected an int, got \[64\]"):
+        hf.load_config(d)
+
+
+@pytest.mark.slow
+def test_reliability_bench_has_no_traceback_data_loss_or_silent_error(tmp_path):
+    """benchmarks/bench_reliability.py --quick (every in-process case): 0 tracebacks, 0 data
+    loss, 0 silently wrong, 0 wrongly refused, at least 60 cases."""
+    import json
+
+    out = tmp_path / "r.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_reliability.py"),
+                        "--quick", f"--json={out}", "--out="], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    bad = [f"{x['id']} {x['script']}: {x['what']} -> {x['outcome']}: {x['now']}"
+           for x in res["rows"] if x["outcome"] not in ("clear error", "handled correctly")]
+    assert not bad, "\n".join(bad)
+    assert len(res["rows"]) >= 60

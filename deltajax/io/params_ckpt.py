@@ -571,7 +571,9 @@ def quiet_failed_reads() -> Iterator[None]:
         raise
 
 
-_TS_PATH = re.compile(r"'path': '([^'/][^']*?)/?'")
+# the stored array's key in a TensorStore spec ('path': 'layers.0.mlp.up_proj.weight/') or an
+# OCDBT read error (Error reading "layers.0.mlp.up_proj.weight/0.0" in OCDBT ...)
+_TS_PATH = re.compile(r"'path': '([^'/][^']*?)/?'" + r'|Error reading "([^"/][^"]*?)(?:/[^"]*)?"')
 
 
 def restore_problem(e: BaseException, leaf_of: Callable[[str], str | None] | None = None) -> str:
@@ -579,7 +581,7 @@ def restore_problem(e: BaseException, leaf_of: Callable[[str], str | None] | Non
     TensorStore spec in the message) instead of the spec itself; `leaf_of` maps a stored array
     key to the leaf name."""
     text = str(e)
-    keys = [k for k in _TS_PATH.findall(text) if not k.startswith("/")]
+    keys = [a or b for a, b in _TS_PATH.findall(text) if not (a or b).startswith("/")]
     if keys:
         key = keys[-1]
         name = (leaf_of(key) if leaf_of else None) or key
