@@ -382,6 +382,14 @@ def _no_debris(ctx, o):
     return f"silently wrong: debris left {left}" if left else None
 
 
+def _calib_copy(ctx):
+    shutil.copy2(ctx.p["calib"], ctx.tmp / "calib.txt")
+
+
+def _config_copy(ctx):
+    shutil.copy2(REPO / "configs" / "rtn4.py", ctx.tmp / "rtn.py")
+
+
 def _existing_report(ctx):
     (ctx.tmp / "eval.md").write_text("old report\n")
 
@@ -497,6 +505,19 @@ CASES: list[Case] = [
     Case(DATA_LOSS, "finetune --out = --base, --overwrite", "finetune.py",
          ("--base={copy:base}", "--out={copy:base}", "--overwrite", "--steps=1"),
          needles=("--out", "input"), check=_intact("base"), early=True),
+    Case(DATA_LOSS, "finetune --out = the folder holding --data, --overwrite", "finetune.py",
+         ("--base={base}", "--data={tmp}/calib.txt", "--out={tmp}", "--overwrite"),
+         needles=("--out", "contains"), early=True, setup=_calib_copy,
+         check=lambda ctx, o: None if (ctx.tmp / "calib.txt").is_file() else
+         "data loss: --data deleted"),
+    Case(DATA_LOSS, "compress --out = the folder holding --config, --overwrite", "compress.py",
+         (B, F, "--config={tmp}/rtn.py", "--out={tmp}", "--overwrite"),
+         needles=("--out", "contains"), early=True, setup=_config_copy,
+         check=lambda ctx, o: None if (ctx.tmp / "rtn.py").is_file() else
+         "data loss: --config deleted"),
+    Case(DATA_LOSS, "export_hf --out inside --ckpt", "export_hf.py",
+         ("--ckpt={copy:ckpt}", "--out={copy:ckpt}/hf"), needles=("--out", "inside"),
+         check=_intact("ckpt"), early=True),
     Case(DATA_LOSS, "eval --out inside --finetuned", "eval.py",
          (B, "--finetuned={copy:ft}", "--delta={delta}", "--out={copy:ft}/eval.md"),
          needles=("--out", "inside"), check=_intact("ft"), early=True),
@@ -657,6 +678,38 @@ CASES: list[Case] = [
     Case(EARLY, "eval: unwritable --out", "eval.py",
          (B, F, "--delta={delta}", "--out={tmp}/afile/e.md"), needles=("--out", "afile"),
          early=True, setup=_a_file),
+    Case(EARLY, "eval: --seq_len=0", "eval.py",
+         (B, F, "--delta={delta}", "--out={tmp}/e.md", "--seq_len=0"), needles=("--seq_len",),
+         early=True),
+    Case(EARLY, "eval: --max_new_tokens=0", "eval.py",
+         (B, F, "--delta={delta}", "--out={tmp}/e.md", "--max_new_tokens=0"),
+         needles=("--max_new_tokens",), early=True),
+    Case(EARLY, "eval: --sweep file missing", "eval.py",
+         (B, F, "--sweep={tmp}/nosweep.py", "--out={tmp}/e.md"), needles=("--sweep", "nosweep"),
+         early=True),
+    Case(EARLY, "eval: --render file missing", "eval.py",
+         ("--render={tmp}/nothere.json", "--out={tmp}/e.md"), needles=("--render", "nothere"),
+         early=True),
+    Case(EARLY, "eval: --out names the .json", "eval.py",
+         (B, F, "--delta={delta}", "--out={tmp}/e.json"), needles=("--out",), early=True),
+    Case(EARLY, "compress: missing --finetuned directory", "compress.py",
+         (B, "--finetuned={tmp}/noft", OUT, *RTN), needles=("--finetuned", "noft"),
+         check=_no_out()),
+    Case(EARLY, "generate: --dtype=int8", "generate.py", (*GEN, "--prompt=hello", "--dtype=int8"),
+         needles=("--dtype",), early=True),
+    Case(EARLY, "generate: --tenant=abc", "generate.py",
+         (*GEN, "--delta={delta}", "--prompt=hello", "--tenant=abc"), needles=("--tenant",),
+         early=True),
+    Case(EARLY, "export_hf: --max_shard_mb=0", "export_hf.py",
+         ("--ckpt={ckpt}", OUT, "--max_shard_mb=0"), needles=("--max_shard_mb",), early=True,
+         check=_no_out()),
+    Case(EARLY, "export_hf: a converted checkpoint exports with its own tokenizer", "export_hf.py",
+         ("--ckpt={ckpt}", OUT), expect="ok",
+         check=lambda ctx, o: None if (ctx.tmp / "out" / "tokenizer.json").is_file() else
+         "silently wrong: the export lost the tokenizer"),
+    Case(EARLY, "finetune: --seq_len=1", "finetune.py",
+         ("--base={base}", "--data={calib}", OUT, "--seq_len=1"), needles=("--seq_len",),
+         early=True),
     Case(EARLY, "convert: missing --hf_dir", "convert.py",
          ("--hf_dir={tmp}/nope", OUT), needles=("--hf_dir", "nope"), check=_no_out()),
     Case(EARLY, "convert: --dtype=int3", "convert.py", ("--hf_dir={base}", OUT, "--dtype=int3"),

@@ -120,6 +120,10 @@ def main(argv):
     for p in FLAGS.delta:
         if not Path(p).expanduser().exists():
             raise FileNotFoundError(f"--delta: {p} does not exist")
+    for name, lo in (("seq_len", 2), ("batch_size", 1), ("gen_batch", 1), ("max_new_tokens", 1),
+                     ("gsm8k_problems", 0), ("calib_seq_len", 2), ("calib_windows", 0)):
+        if getattr(FLAGS, name) < lo:
+            raise app.UsageError(f"--{name} must be >= {lo}, got {getattr(FLAGS, name)}")
     _check_out()
     with cli.about("sweep"):
         rows_cfg = E.load_sweep(FLAGS.sweep) if FLAGS.sweep else []

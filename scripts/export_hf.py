@@ -39,6 +39,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out di
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
     cli.check_out(_OUT.value, _OVERWRITE.value, inputs=[_CKPT.value, _TOKENIZER_FROM.value])
+    if _MAX_SHARD_MB.value is not None and _MAX_SHARD_MB.value < 1:
+        raise ValueError(f"--max_shard_mb must be >= 1, got {_MAX_SHARD_MB.value}")
     tok_from = _TOKENIZER_FROM.value
     if tok_from is not None and not Path(tok_from).expanduser().is_dir():
         raise FileNotFoundError(f"--tokenizer_from: {tok_from} is not a directory")
