@@ -17,7 +17,9 @@ bad enum value, unknown flag) and every user error the library raises (a missing
 checkpoint, a delta for another base, a config field that does not exist: `OSError`,
 `ValueError` and their subclasses `CheckpointError`, `DeltaError`, `WrongBaseError`,
 `TenantError`, `ConfigError`) are printed as ONE line ``error: <message>`` on stderr with exit
-code 1 and no traceback. ``DELTAJAX_TRACEBACK=1`` re-raises them (for debugging).
+code 1 and no traceback. ``DELTAJAX_TRACEBACK=1`` or ``--verbosity=1`` re-raises them (for
+debugging). Library logs (orbax, absl) stay at WARNING unless ``--verbosity`` is given
+(`quiet_logs`).
 Run-config overrides ``--config.<field>=v`` / ``--config.method.<field>=v`` are taken out of
 argv before absl parses it and applied, typed, by `deltajax.config.apply_overrides`.
 """
@@ -55,9 +57,11 @@ class _RunConfigFlag:
         self._loaded = False
 
     def load(self) -> C.RunConfig:
-        path = Path(flags.FLAGS[self.name].value).expanduser()
-        if not path.is_absolute() and not path.exists() and (_REPO / path).exists():
-            path = _REPO / path  # the default configs/x.py from outside the repository root
+        flag = flags.FLAGS[self.name]
+        path = Path(flag.value).expanduser()
+        if not path.is_absolute() and (not flag.present or not path.exists()) \
+                and (_REPO / path).exists():
+            path = _REPO / path  # the default configs/x.py: the package's, whatever the cwd
         cfg = C.load_config(path, flag=self.name)
         self._value = C.apply_overrides(cfg, self.overrides, flag=self.name)
         self._loaded = True
@@ -138,6 +142,26 @@ def about(flag: str):
         raise UserError(msg if msg.startswith(f"--{flag}") else f"--{flag}: {msg}") from e
 
 
+def check_out(out: str, overwrite: bool, *, inputs: Sequence[str | None] = (),
+              models: Sequence[str | None] = (), flag: str = "out") -> None:
+    """Check an output directory flag before any work (``--out: ...`` errors): it must be absent,
+    empty or `overwrite`-able, writable, and never be, contain or lie inside an input.
+
+    Args:
+      out: the output directory.
+      overwrite: the script's --overwrite.
+      inputs: input paths (files or directories; None and missing ones are skipped).
+      models: model arguments ('smollm2', HF dirs, converted checkpoints): their directories are
+        inputs too.
+      flag: the flag named in errors.
+    """
+    from deltajax.io import params_ckpt, resolve
+
+    paths = [*inputs, *(resolve.model_path(m) for m in models)]
+    with about(flag):
+        params_ckpt.check_destination(out, overwrite, inputs=paths)
+
+
 def no_extra_args(argv: Sequence[str]) -> None:
     """Raise a usage error for positional arguments (absl passes them through to main)."""
     if len(argv) > 1:
@@ -151,7 +175,25 @@ def fail(message: str) -> None:
 
 
 def _debug() -> bool:
-    return os.environ.get("DELTAJAX_TRACEBACK", "") not in ("", "0")
+    """Tracebacks of user errors asked for: DELTAJAX_TRACEBACK=1 or --verbosity >= 1."""
+    if os.environ.get("DELTAJAX_TRACEBACK", "") not in ("", "0"):
+        return True
+    v = flags.FLAGS["verbosity"] if "verbosity" in flags.FLAGS else None
+    return bool(v is not None and v.present and v.value >= 1)
+
+
+def quiet_logs() -> None:
+    """Library logs (orbax, absl, jax) at WARNING unless --verbosity was given: the user's
+    output is progress bars and results."""
+    import logging as py_logging
+
+    from absl import logging
+
+    if "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present:
+        return
+    logging.set_verbosity(logging.WARNING)
+    for name in ("orbax", "absl", "jax", "tensorstore"):
+        py_logging.getLogger(name).setLevel(py_logging.WARNING)
 
 
 _HELP = {"--help": True, "-h": True, "-?": True, "--helpshort": True, "--helpfull": False}
@@ -185,6 +227,7 @@ def run(main: Callable[[list[str]], None], *,
     errors = USER_ERRORS + tuple(user_errors)
 
     def wrapped(argv):
+        quiet_logs()
         jax_cache.enable()  # the persistent compilation cache (deltajax/jax_cache.py)
         try:
             for holder in _CONFIG_FLAGS.values():
@@ -194,6 +237,10 @@ def run(main: Callable[[list[str]], None], *,
                     raise app.UsageError(f"--{holder.name}.{holder.overrides[0][0]} given "
                                          f"without --{holder.name}=<file>")
             main(argv)
+        except SystemExit as e:  # sys.exit("error: ...") of a library helper: one line too
+            if isinstance(e.code, str) and not _debug():
+                fail(e.code.removeprefix("error: "))
+            raise
         except errors as e:
             if _debug():
                 raise
@@ -205,5 +252,5 @@ def run(main: Callable[[list[str]], None], *,
     app.run(wrapped, flags_parser=_parse_flags)
 
 
-__all__ = ["USER_ERRORS", "UserError", "about", "define_run_config", "fail", "no_extra_args",
-           "run", "split_overrides"]
+__all__ = ["USER_ERRORS", "UserError", "about", "check_out", "define_run_config", "fail",
+           "no_extra_args", "run", "split_overrides"]

@@ -34,6 +34,20 @@ class FinetuneConfig:
     compute_dtype: str = "float32"  # or "bfloat16" (master weights stay fp32)
     seed: int = 0
 
+    def __post_init__(self):
+        for name, lo in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("warmup_steps", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        for name in ("lr", "clip_norm"):
+            v = getattr(self, name)
+            if not 0 < v < float("inf"):
+                raise ValueError(f"{name} must be finite and > 0, got {v!r}")
+        for name in ("weight_decay", "min_lr_ratio"):
+            v = getattr(self, name)
+            if not 0 <= v < float("inf"):
+                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+
 
 def make_optimizer(fc: FinetuneConfig) -> optax.GradientTransformation:
     sched = optax.warmup_cosine_decay_schedule(

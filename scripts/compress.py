@@ -24,12 +24,12 @@ JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID, SLURM, Open MPI).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import jax
 from absl import flags
 
 from deltajax import cli, compress, delta, load_model, save_delta
-from deltajax.io.params_ckpt import check_destination
 from deltajax.io.resolve import load_model_config
 from deltajax.parallel import sharding
 
@@ -49,7 +49,11 @@ def main(argv):
     cli.no_extra_args(argv)
     run_config = _CONFIG.value
     t0 = time.perf_counter()
-    check_destination(FLAGS.out, FLAGS.overwrite)  # fail before the expensive work
+    cli.check_out(FLAGS.out, FLAGS.overwrite, models=[FLAGS.base, FLAGS.finetuned],
+                  inputs=[FLAGS.config, run_config.calib_data])  # fail before any work
+    calib = run_config.calib_data
+    if calib is not None and not Path(calib).expanduser().is_file():
+        raise FileNotFoundError(f"--config.calib_data: calibration file {calib} does not exist")
     with cli.about("base"):
         base_cfg = load_model_config(FLAGS.base)
     with cli.about("config"):  # an impossible budget is refused before any weight is read

@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from absl import flags, logging
 
 from deltajax import cli
@@ -38,14 +40,17 @@ _MESH = flags.DEFINE_string(
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    cli.check_out(_OUT.value, _OVERWRITE.value, inputs=[_HF_DIR.value])  # before any work
     mesh = sharding.mesh_from_flag(_MESH.value, tag="convert")
     shard = None if mesh is None else sharding.param_sharding_fn(mesh)
-    s = hf.convert_hf_to_checkpoint(
-        _HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value, progress=True,
-        sharding=shard,
-    )
+    with cli.about("hf_dir"):
+        if not Path(_HF_DIR.value).expanduser().is_dir():
+            raise FileNotFoundError(f"{_HF_DIR.value} does not exist" if not Path(
+                _HF_DIR.value).expanduser().exists() else f"{_HF_DIR.value} is not a directory")
+        s = hf.convert_hf_to_checkpoint(
+            _HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value,
+            progress=True, sharding=shard,
+        )
     c = s.config
     logging.info("config: %s", c)
     print(

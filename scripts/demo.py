@@ -60,6 +60,8 @@ def _demo_finetune(base, cfg, tok, src_dir) -> Path:
 def main(argv):
     cli.no_extra_args(argv)
     run_config = _CONFIG.value
+    out = FLAGS.out or os.path.join(cache_root(), "demo-delta")
+    cli.check_out(out, True, models=[FLAGS.base, FLAGS.finetuned])  # never onto an input
     t_all = time.perf_counter()
     t0 = time.perf_counter()
     with cli.about("base"):
@@ -77,7 +79,6 @@ def main(argv):
     t_comp = time.perf_counter() - t0
     report, acc = delta.report(base, delta.extract(base, ft), comp, seconds=t_comp)
     method = next(leaf.method for leaf in comp.values() if leaf.method.on_the_fly)
-    out = FLAGS.out or os.path.join(cache_root(), "demo-delta")
     save_delta(comp, out, cfg=cfg, base_params=base, overwrite=True,
                extra={"config": run_config.to_dict()})
     comp, _ = load_delta(out, base_params=base, cfg=cfg)

@@ -41,6 +41,7 @@ flags.DEFINE_string("sweep", None, "Sweep config (get_config() -> [(label, metho
                     "options)]), e.g. configs/eval_sweep.py: compress on the fly and evaluate.")
 flags.DEFINE_list("only", [], "Sweep: run only rows whose label starts with one of these.")
 flags.DEFINE_string("out", "out/eval.md", "Markdown output; the JSON and PNGs go beside it.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out report (and its JSON).")
 flags.DEFINE_bool("plots", True, "Write PNG plots beside the table.")
 flags.DEFINE_bool("resume", False, "Keep rows already in the output JSON (same settings) and "
                   "evaluate only the missing ones.")
@@ -77,9 +78,39 @@ def _settings() -> dict:
         "wiki_windows", "domain_windows", "seq_len", "calib_windows", "calib_seq_len")}
 
 
+def _check_out(*, keep: Path | None = None) -> None:
+    """--out before any work: never an input (or inside one), writable, and an existing report
+    only replaced with --overwrite (or --resume, which extends it; `keep`: the JSON that
+    --render re-renders in place)."""
+    out_md = Path(FLAGS.out).expanduser()
+    out_json = out_md.with_suffix(".json")
+    if out_md.suffix == ".json":
+        raise app.UsageError(f"--out={FLAGS.out}: give the markdown path (the JSON is written "
+                             "beside it with the suffix .json)")
+    from deltajax.io import params_ckpt
+    from deltajax.io.resolve import model_path
+
+    inputs = [model_path(FLAGS.base), model_path(FLAGS.finetuned), *FLAGS.delta, FLAGS.sweep,
+              FLAGS.notes]
+    with cli.about("out"):
+        for p in (out_md, out_json):
+            params_ckpt.check_not_input(p, [i for i in inputs if i], what="--out")
+            if p.is_dir():
+                raise IsADirectoryError(f"{p} is a directory; --out is the report's .md path")
+        params_ckpt.check_writable(out_md)
+    if FLAGS.overwrite or FLAGS.resume:
+        return
+    same = keep is not None and out_json.resolve() == keep.resolve()
+    existing = [str(p) for p in (out_md, out_json) if p.exists() and not same]
+    if existing:
+        raise FileExistsError(f"--out: {' and '.join(existing)} exist(s); pass --overwrite to "
+                              "replace the report (or --resume to extend it)")
+
+
 def main(argv):
     cli.no_extra_args(argv)
     if FLAGS.render:
+        _check_out(keep=Path(FLAGS.render).expanduser())
         _render()
         return
     if FLAGS.finetuned is None:
@@ -89,6 +120,11 @@ def main(argv):
     for p in FLAGS.delta:
         if not Path(p).expanduser().exists():
             raise FileNotFoundError(f"--delta: {p} does not exist")
+    for name, lo in (("seq_len", 2), ("batch_size", 1), ("gen_batch", 1), ("max_new_tokens", 1),
+                     ("gsm8k_problems", 0), ("calib_seq_len", 2), ("calib_windows", 0)):
+        if getattr(FLAGS, name) < lo:
+            raise app.UsageError(f"--{name} must be >= {lo}, got {getattr(FLAGS, name)}")
+    _check_out()
     with cli.about("sweep"):
         rows_cfg = E.load_sweep(FLAGS.sweep) if FLAGS.sweep else []
     out_md = Path(FLAGS.out)

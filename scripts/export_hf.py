@@ -13,8 +13,9 @@ Example:
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from absl import flags, logging
+from absl import flags
 
 from deltajax import cli
 from deltajax.io import hf
@@ -23,7 +24,8 @@ from deltajax.io import params_ckpt as checkpoint
 _CKPT = flags.DEFINE_string("ckpt", None, "deltajax params checkpoint directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output Hugging Face directory.", required=True)
 _TOKENIZER_FROM = flags.DEFINE_string(
-    "tokenizer_from", None, "Hugging Face directory to copy tokenizer/generation files from."
+    "tokenizer_from", None, "Hugging Face directory to copy tokenizer/generation files from "
+    "(default: those the checkpoint holds, from scripts/convert.py)."
 )
 _DTYPE = flags.DEFINE_enum(
     "dtype", None, ["float32", "bfloat16", "float16"], "Weight dtype to write (default: as stored)."
@@ -36,8 +38,15 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out di
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    cli.check_out(_OUT.value, _OVERWRITE.value, inputs=[_CKPT.value, _TOKENIZER_FROM.value])
+    if _MAX_SHARD_MB.value is not None and _MAX_SHARD_MB.value < 1:
+        raise ValueError(f"--max_shard_mb must be >= 1, got {_MAX_SHARD_MB.value}")
+    tok_from = _TOKENIZER_FROM.value
+    if tok_from is not None and not Path(tok_from).expanduser().is_dir():
+        raise FileNotFoundError(f"--tokenizer_from: {tok_from} is not a directory")
+    if tok_from is None and any((Path(_CKPT.value).expanduser() / f).is_file()
+                                for f in hf.TOKENIZER_FILES):
+        tok_from = Path(_CKPT.value).expanduser()  # convert.py keeps the tokenizer
     t0 = time.perf_counter()
     with cli.about("ckpt"):
         params, cfg = checkpoint.load_params_ckpt(_CKPT.value)
@@ -45,7 +54,7 @@ def main(argv: list[str]) -> None:
         params,
         cfg,
         _OUT.value,
-        tokenizer_from=_TOKENIZER_FROM.value,
+        tokenizer_from=tok_from,
         dtype=_DTYPE.value,
         max_shard_bytes=None if _MAX_SHARD_MB.value is None else _MAX_SHARD_MB.value * 2**20,
         overwrite=_OVERWRITE.value,

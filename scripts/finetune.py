@@ -21,7 +21,6 @@ from deltajax import cli
 from deltajax import data as D
 from deltajax import train as F
 from deltajax.io import hf
-from deltajax.io import params_ckpt as checkpoint
 from deltajax.io.resolve import load_model
 
 FLAGS = flags.FLAGS
@@ -44,17 +43,23 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
 def main(argv):
     cli.no_extra_args(argv)
     out = os.path.expanduser(FLAGS.out)
-    checkpoint.check_destination(out, FLAGS.overwrite)
+    cli.check_out(out, FLAGS.overwrite, models=[FLAGS.base], inputs=[FLAGS.data])
     if FLAGS.data and not os.path.isfile(os.path.expanduser(FLAGS.data)):
         raise FileNotFoundError(f"--data: {FLAGS.data} not found")
+    try:  # every option before the model is loaded
+        fc = F.FinetuneConfig(
+            steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, lr=FLAGS.lr,
+            warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay,
+            clip_norm=FLAGS.clip_norm, compute_dtype=FLAGS.compute_dtype, seed=FLAGS.seed,
+        )
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None  # "--steps must be an int >= 1, got 0"
     with cli.about("base"):
         params, cfg, tok, src_dir = load_model(FLAGS.base)
+    if tok is None:
+        raise FileNotFoundError(f"--base: {src_dir} has no tokenizer files; fine-tuning "
+                                "tokenizes --data with it")
     data = FLAGS.data or str(D.default_file("gsm8k_train"))
-    fc = F.FinetuneConfig(
-        steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, lr=FLAGS.lr,
-        warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay,
-        clip_norm=FLAGS.clip_norm, compute_dtype=FLAGS.compute_dtype, seed=FLAGS.seed,
-    )
     tokens, mask = D.training_sequences(tok, data, fc.seq_len, loss_on_prompt=FLAGS.loss_on_prompt)
     print(f"[finetune] {tokens.shape[0]} sequences of {fc.seq_len} tokens from {data}; "
           f"{int(mask.sum())} trained tokens; {fc.steps} steps x {fc.batch_size}")

@@ -31,7 +31,7 @@ import json
 import time
 from pathlib import Path
 
-from absl import flags, logging
+from absl import flags
 
 from deltajax import attach, cli, load_delta, load_model
 from deltajax.io.params_ckpt import cast_params
@@ -88,7 +88,24 @@ def read_prompts(prompts: list[str], path: str | None) -> list[str]:
                 out.append(line)
     if not out:
         raise ValueError("no prompts: pass --prompt and/or --prompts_file")
+    empty = [i for i, s in enumerate(out) if not s.strip()]
+    if empty:
+        raise ValueError(f"--prompt / --prompts_file: prompt(s) {empty} are empty")
     return out
+
+
+def check_options() -> None:
+    """Sampling flags and --delta paths, before any model is loaded."""
+    if FLAGS.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
+    try:
+        G.Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None  # "--top_p must be in (0, 1], got 1.5"
+    for p in _split(FLAGS.delta):
+        if not Path(p).expanduser().is_dir():
+            what = "is not a directory" if Path(p).expanduser().exists() else "does not exist"
+            raise FileNotFoundError(f"--delta: {p} {what}")
 
 
 def tenant_ids(values: list[str], n_prompts: int, n_deltas: int) -> list[int]:
@@ -117,9 +134,8 @@ def _stats(res: dict) -> str:
 
 def main(argv):
     cli.no_extra_args(argv)
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     prompts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
+    check_options()
     paths = _split(FLAGS.delta)
     ids = tenant_ids(FLAGS.tenant, len(prompts), len(paths))
 

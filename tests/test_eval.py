@@ -253,7 +253,8 @@ def test_script_end_to_end(base, tmp_path):
          f"--finetuned={fdir}", f"--delta={saved}", f"--sweep={sweep}", f"--out={out}",
          "--gsm8k_problems=3", "--gen_batch=2", "--max_new_tokens=4", "--wiki_windows=2",
          "--domain_windows=2", "--seq_len=16", "--batch_size=2", "--noprogress"],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", DELTAJAX_DATA=str(data)),
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", DELTAJAX_DATA=str(data),
+                              PYTHONPATH=str(REPO)),
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "SKIP Missing" in r.stdout

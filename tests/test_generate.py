@@ -229,8 +229,8 @@ def test_script_generate_multitenant(base, tmp_path):
         [sys.executable, str(REPO / "scripts" / "generate.py"), f"--base={src}",
          f"--delta={paths[0]},{paths[1]}", f"--prompt={prompts[0]}", f"--prompts_file={pf}",
          "--tenant=1,-1,0", "--max_new_tokens=6"],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-        timeout=300)
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
+        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tokens/s" in r.stdout and "chat=True" in r.stdout
     want = G.generate(delta.attach(base, comps), CFG, tok, prompts, max_new_tokens=6,

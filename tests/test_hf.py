@@ -570,7 +570,7 @@ def test_no_weights(tmp_path, tiny):
 
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))  # the checkout under test
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / name), *args],
         cwd=REPO,

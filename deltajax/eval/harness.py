@@ -526,10 +526,27 @@ def write_report(report: Mapping, md_path, json_path=None, *, header: Sequence[s
     lines += list(footer)
     text = "\n".join(lines).rstrip() + "\n"
     Path(md_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(md_path).write_text(text)
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(_jsonable(report), indent=1, allow_nan=False))
+        _write_atomic(json_path, json.dumps(_jsonable(report), indent=1, allow_nan=False))
+    _write_atomic(md_path, text)
     return text
+
+
+def _write_atomic(path, text: str) -> None:
+    """Write a file through a sibling temporary file and one rename (never half a report)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def delta_spectra(deltas, *, pattern: str = r"(\w+_proj)\.weight$") -> dict[str, np.ndarray]:

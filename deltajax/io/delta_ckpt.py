@@ -40,6 +40,8 @@ from deltajax.io.params_ckpt import (
     config_from_json,
     config_to_json,
     library_version,
+    quiet_failed_reads,
+    restore_problem,
 )
 from deltajax.methods import method_from_config
 from deltajax.tree import flatten
@@ -156,6 +158,9 @@ def save_delta(
 
 def read_delta_meta(path: str | os.PathLike) -> dict:
     p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} does not exist" if not p.exists() else
+                                f"{p} is not a directory (a compressed delta is a directory)")
     if not (p / META).is_file():
         raise CheckpointError(p, [f"no {META}: not a deltajax compressed-delta directory"])
     try:
@@ -293,14 +298,12 @@ def load_delta(path: str | os.PathLike, *, base_params=None, cfg=None,
         if problems:
             raise CheckpointError(p, problems)
     try:
-        with ocp.StandardCheckpointer() as ck:
+        with quiet_failed_reads(), ocp.StandardCheckpointer() as ck:
             arrays = ck.restore((p / ARRAYS).absolute(), targets)
     except Exception as e:
-        msg = str(e)
-        hit = [n for n, info in meta["leaves"].items() if info["key"] in msg]
-        where = f"leaf '{hit[0]}': " if hit else ""
-        raise CheckpointError(p, [f"{where}cannot restore the arrays (corrupt data file?): "
-                                  f"{msg.splitlines()[0] if msg else type(e).__name__}"]) from e
+        names = {info["key"]: n for n, info in meta["leaves"].items()}
+        raise CheckpointError(p, [restore_problem(e, lambda k: names.get(k.split(".")[0]))]) \
+            from e
     out = {}
     for name, info in meta["leaves"].items():
         m, shape, c = abstract[name]

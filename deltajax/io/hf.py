@@ -51,6 +51,7 @@ __all__ = [
     "config_to_hf",
     "convert_hf_to_checkpoint",
     "export_hf",
+    "copy_tokenizer_files",
     "load_config",
     "load_params",
 ]
@@ -378,6 +379,7 @@ def export_hf(
       TypeError: a leaf is not a plain array (a delta-carrying weight): merge the deltas first.
       CheckpointError: the params tree does not match `cfg`.
       FileExistsError: `out_dir` is not empty and `overwrite` is False.
+      ValueError: `out_dir` is, contains or lies inside `tokenizer_from`.
       FileNotFoundError: `tokenizer_from` is not a directory.
     """
     from tqdm.auto import tqdm
@@ -421,7 +423,7 @@ def export_hf(
     files = (
         [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, inputs=(tokenizer_from,)) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         bar = tqdm(total=len(entries), unit="tensor", desc="exporting", disable=not progress)
         with bar:
@@ -435,18 +437,22 @@ def export_hf(
                 "weight_map": {entries[i][0]: f for f, idx in zip(files, shards) for i in idx},
             }
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if src is not None:
-            copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
-            for f in copied:
-                shutil.copy2(src / f, tmp / f)
-            for d in TOKENIZER_DIRS:
-                if (src / d).is_dir():
-                    shutil.copytree(src / d, tmp / d)
-            if not any(
-                f.startswith("tokenizer") or f in ("vocab.json", "vocab.txt") for f in copied
-            ):
-                log.warning("tokenizer_from=%s holds no tokenizer files", src)
+        if src is not None and not copy_tokenizer_files(src, tmp):
+            log.warning("tokenizer_from=%s holds no tokenizer files", src)
     return Path(out_dir).absolute()
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer and generation files (`TOKENIZER_FILES`, `TOKENIZER_DIRS`) of `src`
+    into `dst`; returns the tokenizer files copied (empty: `src` has no tokenizer)."""
+    src, dst = Path(src), Path(dst)
+    copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    for f in copied:
+        shutil.copy2(src / f, dst / f)
+    for d in TOKENIZER_DIRS:
+        if (src / d).is_dir():
+            shutil.copytree(src / d, dst / d)
+    return [f for f in copied if f.startswith("tokenizer") or f in ("vocab.json", "vocab.txt")]
 
 
 # ============================================================================ conversion
@@ -476,8 +482,10 @@ def convert_hf_to_checkpoint(
 ) -> ConversionSummary:
     """Converts a Hugging Face model directory into a deltajax params checkpoint (orbax).
 
-    The destination is checked first (so a long load is not wasted), then the whole checkpoint
-    is validated and loaded, then written atomically: on any error nothing is left at `out_dir`.
+    The destination is checked first (so a long load is not wasted; it must not be, contain or
+    lie inside `hf_dir`), then the whole checkpoint is validated and loaded, then written
+    atomically with the tokenizer and generation files of `hf_dir` (so the checkpoint works as
+    a model argument by itself): on any error nothing is left at `out_dir`.
 
     Args:
       hf_dir: Hugging Face model directory (config.json + weights).
@@ -492,12 +500,13 @@ def convert_hf_to_checkpoint(
     """
     t0 = time.perf_counter()
     out = Path(out_dir).absolute()
-    ckpt_lib.check_destination(out, overwrite)
+    ckpt_lib.check_destination(out, overwrite, inputs=(hf_dir,))  # never onto the source
     cfg = load_config(hf_dir)
     params = load_params(hf_dir, cfg, dtype=dtype, sharding=sharding, progress=progress)
     leaves = jax.tree.leaves(params)
     source = {"source": "huggingface", "hf_dir": str(Path(hf_dir).absolute())}
-    ckpt_lib.save_params(params, cfg, out, overwrite=overwrite, extra_meta=source)
+    ckpt_lib.save_params(params, cfg, out, overwrite=overwrite, extra_meta=source,
+                         extra_files=lambda d: copy_tokenizer_files(hf_dir, d))
     return ConversionSummary(
         out_dir=out,
         config=cfg,

@@ -353,6 +353,29 @@ def _layer_types(hf: Mapping, mt: str, n_layers: int) -> tuple[tuple[str, ...] |
     return lt, window
 
 
+# attributes read as numbers: (type, smallest value); a wrong type is named, not a TypeError
+_NUMERIC_ATTRS = {
+    "vocab_size": (int, 1), "hidden_size": (int, 1), "intermediate_size": (int, 1),
+    "num_hidden_layers": (int, 1), "num_attention_heads": (int, 1),
+    "num_key_value_heads": (int, 1), "head_dim": (int, 1), "max_position_embeddings": (int, 1),
+    "rms_norm_eps": (float, 0), "rope_theta": (float, 0),
+}
+
+
+def _check_numeric(hf: Mapping) -> None:
+    for k, (tp, lo) in _NUMERIC_ATTRS.items():
+        v = hf.get(k)
+        if v is None:
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (
+            tp is float or float(v).is_integer())
+        if not ok:
+            want = "an int" if tp is int else "a number"
+            raise ValueError(f"Hugging Face config: {k}: expected {want}, got {v!r}")
+        if not v >= lo or (tp is float and not abs(v) < float("inf")):
+            raise ValueError(f"Hugging Face config: {k}: must be >= {lo}, got {v!r}")
+
+
 def load_config(src: str | os.PathLike | Mapping | Any) -> ModelConfig:
     """Reads a Hugging Face config into a `ModelConfig`, refusing what deltajax does not implement.
 
@@ -373,6 +396,7 @@ def load_config(src: str | os.PathLike | Mapping | Any) -> ModelConfig:
         bidirectional attention, heads that do not divide, ...
     """
     hf = read_hf_config(src)
+    _check_numeric(hf)
     mt = hf.get("model_type")
     if mt not in ARCHITECTURES:
         raise _unsupported("model_type", mt, f"supported: {sorted(ARCHITECTURES)}")

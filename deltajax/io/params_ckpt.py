@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,11 @@ __all__ = [
     "atomic_dir",
     "cast_params",
     "check_destination",
+    "check_not_input",
+    "check_writable",
+    "clean_debris",
+    "quiet_failed_reads",
+    "restore_problem",
     "check_params",
     "config_from_json",
     "config_to_json",
@@ -92,53 +99,188 @@ def library_version() -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
+               inputs: Sequence[str | os.PathLike | None] = ()) -> Iterator[Path]:
     """Yields a fresh temporary directory that becomes `out_dir` only if the block succeeds.
 
-    The temporary directory is a hidden sibling of `out_dir` (same file system, so the final
-    rename is atomic). On any exception (KeyboardInterrupt included) it is removed and `out_dir`
-    is left untouched.
+    The temporary directory is a hidden sibling ``.<name>.tmp-<pid>-*`` of `out_dir` (same file
+    system, so the final rename is atomic). On any exception (KeyboardInterrupt included) it is
+    removed and `out_dir` is left untouched. Replacing an existing `out_dir` is one atomic
+    exchange of the two directories (Linux ``renameat2(RENAME_EXCHANGE)``), so at every instant
+    the name holds either the complete old or the complete new directory; the old one is then
+    moved aside (``.<name>.old-<pid>-*``) and deleted. Where the exchange is not supported, two
+    renames are used and a kill between them is repaired on the next run. Debris of interrupted
+    runs (``.tmp-*`` / ``.old-*`` siblings of dead processes) is removed on the next run.
 
     Args:
       out_dir: destination directory. Its parent is created if missing.
       overwrite: replace an existing non-empty `out_dir`. An existing empty directory is always
         replaced.
+      inputs: paths the caller reads from; an `out_dir` that is, contains or lies inside one of
+        them is refused, `overwrite` or not (see `check_destination`).
 
     Raises:
       FileExistsError: `out_dir` exists, is not empty, and `overwrite` is False; or it is a file.
+      ValueError: `out_dir` overlaps one of `inputs`.
     """
-    out = Path(out_dir).absolute()
-    check_destination(out, overwrite)
+    out = Path(out_dir).expanduser().absolute()
+    check_destination(out, overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_debris(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    _ACTIVE.add(tmp)
     try:
         yield tmp
-        check_destination(out, overwrite)  # it may have appeared meanwhile
+        check_destination(out, overwrite, inputs=inputs)  # it may have appeared meanwhile
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "d")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-",
+                                        dir=out.parent))
+            _ACTIVE.add(old)
             try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old / "d", out)  # put the previous contents back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+                if _exchange(tmp, out):  # out: the new contents; tmp: the old ones
+                    os.rename(tmp, old / "d")
+                else:  # no atomic exchange here: two renames, repaired by clean_debris
+                    os.rename(out, old / "d")
+                    try:
+                        os.rename(tmp, out)
+                    except BaseException:
+                        os.rename(old / "d", out)  # put the previous contents back
+                        raise
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                _ACTIVE.discard(old)
         else:
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _ACTIVE.discard(tmp)
 
 
-def check_destination(out: str | os.PathLike, overwrite: bool) -> None:
-    """Raises FileExistsError unless `out` is absent, empty, or may be overwritten."""
-    out = Path(out)
+_ACTIVE: set[Path] = set()  # temporary directories of this process's writes in progress
+_DEBRIS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]+$")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap directories `a` and `b` (Linux renameat2 RENAME_EXCHANGE); False if this
+    platform or file system cannot."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process: only its _ACTIVE directories are in use
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_debris(out_dir: str | os.PathLike) -> list[Path]:
+    """Removes what interrupted writes of `out_dir` left beside it; returns what it removed.
+
+    ``.<name>.tmp-<pid>-*`` (a write that never finished) and ``.<name>.old-<pid>-*`` (a
+    replaced directory not yet deleted) of processes that are no longer running are deleted;
+    if `out_dir` itself is missing, the previous directory kept in an ``.old-*`` is first put
+    back under its name (a kill between the two renames of the fallback swap).
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for p in sorted(out.parent.iterdir()):
+        m = _DEBRIS.match(p.name)
+        if not m or m["name"] != out.name or p in _ACTIVE or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and (p / "d").is_dir() and not out.exists() \
+                and not out.is_symlink():
+            os.rename(p / "d", out)
+            logging.warning("%s was missing after an interrupted replace; restored it from %s",
+                        out, p.name)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _real(p: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(Path(p).expanduser()))
+
+
+def check_not_input(out: str | os.PathLike,
+                    inputs: Sequence[str | os.PathLike | None], *, what: str = "output") -> None:
+    """Raises ValueError when `out` is, contains or lies inside one of `inputs` (symlinks
+    resolved; inputs that do not exist, and None, are skipped)."""
+    o = _real(out)
+    for src in inputs:
+        if src is None or not Path(src).expanduser().exists():
+            continue
+        s = _real(src)
+        if o == s:
+            rel = "is"
+        elif s.is_relative_to(o):
+            rel = "contains"
+        elif o.is_relative_to(s):
+            rel = "lies inside"
+        else:
+            continue
+        shown = str(out) if o == Path(out).expanduser().absolute() else f"{out} (= {o})"
+        raise ValueError(f"{what} {shown} {rel} the input {src}; writing there would destroy "
+                         "the input: choose another output path")
+
+
+def check_destination(out: str | os.PathLike, overwrite: bool, *,
+                      inputs: Sequence[str | os.PathLike | None] = ()) -> None:
+    """Raises unless `out` may be written: absent, empty, or `overwrite`; never an input.
+
+    Raises:
+      ValueError: `out` is, contains or lies inside one of `inputs` (even with `overwrite`).
+      FileExistsError: `out` is a file or a symlink, or a non-empty directory without
+        `overwrite`.
+      PermissionError: the nearest existing parent of `out` is not writable.
+    """
+    out = Path(out).expanduser()
+    check_not_input(out, inputs)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FileExistsError(f"{out} exists and is not a directory; refusing to replace it")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
         )
+    check_writable(out)
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Raises PermissionError / NotADirectoryError if `out` could not be created or replaced:
+    its nearest existing ancestor must be a writable directory."""
+    out = Path(out).expanduser().absolute()
+    p = out.parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise NotADirectoryError(f"{out}: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: cannot write in {p} (permission denied)")
+    try:  # os.access says yes to root everywhere; a read-only or virtual fs says no here
+        with tempfile.TemporaryFile(dir=p, prefix=".deltajax-probe-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{out}: cannot write in {p} ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------- params trees
@@ -290,6 +432,7 @@ def save_params(
     *,
     overwrite: bool = False,
     extra_meta: Mapping | None = None,
+    extra_files: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Writes a dense params tree as an orbax checkpoint plus ``meta.json``, atomically.
 
@@ -299,6 +442,8 @@ def save_params(
       out_dir: destination directory (must not exist or be empty unless `overwrite`).
       overwrite: replace an existing checkpoint at `out_dir`.
       extra_meta: JSON-able dict stored under ``"extra"`` in ``meta.json`` (e.g. the source).
+      extra_files: ``extra_files(tmp_dir)`` writes further files into the checkpoint before it
+        is renamed into place (e.g. the tokenizer, `hf.copy_tokenizer_files`).
 
     Returns:
       The absolute path of the checkpoint.
@@ -328,6 +473,8 @@ def save_params(
             ckptr.save(tmp / PARAMS_SUBDIR, params)
             ckptr.wait_until_finished()
         (tmp / META_FILE).write_text(meta_text)
+        if extra_files is not None:
+            extra_files(tmp)
     return Path(out_dir).absolute()
 
 
@@ -400,10 +547,10 @@ def load_params_ckpt(
         abstract.append(jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=s))
     target = jax.tree_util.tree_unflatten(treedef, abstract)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with quiet_failed_reads(), ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(path, target)
     except Exception as e:  # orbax/tensorstore raise many kinds; report them as one error type
-        raise CheckpointError(ckpt_dir, [f"cannot restore arrays from {path}: {e}"]) from e
+        raise CheckpointError(ckpt_dir, [restore_problem(e)]) from e
     _check_finite_leaves(ckpt_dir, params, stored_dtypes, meta.get("param_dtype"), dtype)
     return params, cfg
 
@@ -457,6 +604,46 @@ def _check_finite_leaves(ckpt_dir, params, stored_dtypes, param_dtype, dtype) ->
     more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
     raise NonFiniteError(f"{ckpt_dir}: '{name}' holds {n} NaN/Inf entries {how}{more}; "
                          "refusing to use it", name=name, count=n)
+
+
+@contextlib.contextmanager
+def quiet_failed_reads() -> Iterator[None]:
+    """When a restore fails, orbax leaves the other reads' failed coroutines to the garbage
+    collector, which prints a traceback for each ("Exception ignored in: <coroutine ...>"):
+    collect them here, silently, so the user sees one error line."""
+    import gc
+    import sys
+
+    try:
+        yield
+    except BaseException:
+        hook = sys.unraisablehook
+        sys.unraisablehook = lambda _: None
+        try:
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+        raise
+
+
+# the stored array's key in a TensorStore spec ('path': 'layers.0.mlp.up_proj.weight/') or an
+# OCDBT read error (Error reading "layers.0.mlp.up_proj.weight/0.0" in OCDBT ...)
+_TS_PATH = re.compile(r"'path': '([^'/][^']*?)/?'" + r'|Error reading "([^"/][^"]*?)(?:/[^"]*)?"')
+
+
+def restore_problem(e: BaseException, leaf_of: Callable[[str], str | None] | None = None) -> str:
+    """One line for an orbax restore failure, naming the leaf whose data is unreadable (from the
+    TensorStore spec in the message) instead of the spec itself; `leaf_of` maps a stored array
+    key to the leaf name."""
+    text = str(e)
+    keys = [a or b for a, b in _TS_PATH.findall(text) if not (a or b).startswith("/")]
+    if keys:
+        key = keys[-1]
+        name = (leaf_of(key) if leaf_of else None) or key
+        kind = "truncated or corrupt" if "read" in text.lower() else "unreadable"
+        return f"the stored array of '{name}' is {kind}; the checkpoint is damaged: write it again"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"cannot restore arrays: {first[:300]}"
 
 
 def _check_orbax_metadata(ckpt_dir, path: Path, expected: dict[str, tuple[int, ...]]) -> None:

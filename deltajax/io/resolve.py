@@ -27,6 +27,18 @@ def resolve_model_dir(spec: str) -> Path:
     return p
 
 
+def model_path(spec: str | None) -> Path | None:
+    """The directory a model argument names, without creating or loading anything (None for
+    None); for `check_destination`'s inputs."""
+    if spec is None:
+        return None
+    if spec in ("smollm2", "smollm2-135m-instruct"):
+        from deltajax.io.smollm import cache_root
+
+        return cache_root() / "smollm2-135m-instruct"
+    return Path(os.path.expanduser(spec))
+
+
 def is_converted_checkpoint(p: Path) -> bool:
     return (p / checkpoint.META_FILE).exists() and not (p / "config.json").exists()
 

@@ -45,6 +45,15 @@ def ratio_range_error(method: str, ratio, *, below_one: bool = True) -> BudgetEr
     return BudgetError(f"{method}: ratio must be in (0, {hi}, got {ratio!r}{why}")
 
 
+def check_int_range(owner: str, field: str, value, lo: int, hi: int | None = None) -> None:
+    """Raise ValueError naming ``owner.field`` unless `value` is an int in [lo, hi]."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo \
+        and (hi is None or value <= hi)
+    if not ok:
+        want = f"an int in {lo}..{hi}" if hi is not None else f"an int >= {lo}"
+        raise ValueError(f"{owner}.{field} must be {want}, got {value!r}")
+
+
 def method_dataclass(cls):
     """Decorator: frozen, keyword-only, hashable dataclass (a static jit argument)."""
     return dataclasses.dataclass(frozen=True, kw_only=True)(cls)

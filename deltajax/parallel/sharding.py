@@ -179,14 +179,15 @@ def describe_mesh(mesh: Mesh) -> str:
 
 def mesh_from_flag(spec: str | None, *, tag: str = "deltajax") -> Mesh | None:
     """The scripts' `--mesh` flag: None/"" → no mesh; else start the distributed runtime when
-    the environment says so, build the mesh, print it. A bad spec exits with a clear message."""
+    the environment says so, build the mesh, print it. A bad spec raises ValueError naming
+    --mesh (one `error:` line in the scripts)."""
     if not spec:
         return None
     maybe_initialize_distributed()
     try:
         mesh = make_mesh(spec)
     except ValueError as e:
-        raise SystemExit(f"error: --mesh: {e}") from None
+        raise ValueError(f"--mesh={spec}: {e}") from None
     print(f"[{tag}] {describe_mesh(mesh)}")
     return mesh
 
