@@ -121,27 +121,35 @@ def build_params(cfg, key):
         for k, (p, a) in zip(keys, flat)])
 
 
-def with_tenants(base, method_key: str, t: int, batch: int, key) -> tuple[dict, int]:
-    """Base params with every projection a `MultiTenantWeight` of T random deltas; their bytes."""
+def random_deltas(base, method_key: str, t: int, key):
+    """(method, {projection name: (T random containers stacked, abstract container)}): codes of
+    exactly the structure METHOD's `compress` produces, drawn per leaf from a name-keyed seed."""
     name, kw = METHODS[method_key]
     m = make_method(name, **kw)
-    ids = jnp.arange(batch, dtype=jnp.int32) % t
-    total = [0]
-    cache = {}
+    out, cache = {}, {}
 
     def f(n, w):
-        if not is_projection(n):
-            return w
-        shp = tuple(w.shape)
-        if shp not in cache:
-            cache[shp] = jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)),
-                                        jax.ShapeDtypeStruct(shp, jnp.float32))
-        leaf_key = jax.random.fold_in(key, zlib.crc32(n.encode()) & 0x7FFFFFFF)  # stable per name
-        stacked = C.random_like(leaf_key, cache[shp], (t,))
-        total[0] += _nbytes(stacked)
-        return MultiTenantWeight(base=w, deltas=stacked, tenant_ids=ids, method=m, num_tenants=t)
+        if is_projection(n):
+            shp = tuple(w.shape)
+            if shp not in cache:
+                cache[shp] = jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)),
+                                            jax.ShapeDtypeStruct(shp, jnp.float32))
+            leaf_key = jax.random.fold_in(key, zlib.crc32(n.encode()) & 0x7FFFFFFF)
+            out[n] = (C.random_like(leaf_key, cache[shp], (t,)), cache[shp])
+        return w
 
-    return map_with_names(f, base), total[0]
+    map_with_names(f, base)
+    return m, out
+
+
+def with_tenants(base, method_key: str, t: int, batch: int, key) -> tuple[dict, int]:
+    """Base params with every projection a `MultiTenantWeight` of T random deltas; their bytes."""
+    m, deltas = random_deltas(base, method_key, t, key)
+    ids = jnp.arange(batch, dtype=jnp.int32) % t
+    params = map_with_names(
+        lambda n, w: MultiTenantWeight(base=w, deltas=deltas[n][0], tenant_ids=ids, method=m,
+                                       num_tenants=t) if n in deltas else w, base)
+    return params, sum(_nbytes(d) for d, _ in deltas.values())
 
 
 def decode_state(cfg, batch: int, kv: int, steps: int, key) -> G.DecodeState:
@@ -186,30 +194,12 @@ def engine_pools(base, method_key: str, t: int, key):
     """One engine delta pool holding T random fine-tunes of METHOD (every projection); bytes."""
     from deltajax.serve import engine as E
 
-    name, kw = METHODS[method_key]
-    m = make_method(name, **kw)
-    leaves, arrays, total, cache = [], {}, 0, {}
-
-    def f(n, w):
-        nonlocal total
-        if not is_projection(n):
-            return w
-        shp = tuple(w.shape)
-        if shp not in cache:
-            cache[shp] = jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)),
-                                        jax.ShapeDtypeStruct(shp, jnp.float32))
-        leaf_key = jax.random.fold_in(key, zlib.crc32(n.encode()) & 0x7FFFFFFF)
-        stacked = C.random_like(leaf_key, cache[shp], (t,))
-        total += _nbytes(stacked)
-        leaves.append(E.LeafSpec(n, E.LINEAR, m, jax.tree.structure(cache[shp]),
-                                 E._avals(cache[shp])))
-        arrays[n] = stacked
-        return w
-
-    map_with_names(f, base)
-    order = sorted(range(len(leaves)), key=lambda i: leaves[i].name)
-    spec = E.PoolSpec(leaves=tuple(leaves[i] for i in order), capacity=t)
-    return (arrays,), (spec,), total
+    m, deltas = random_deltas(base, method_key, t, key)
+    leaves = tuple(E.LeafSpec(n, E.LINEAR, m, jax.tree.structure(a), E._avals(a))
+                   for n, (_, a) in sorted(deltas.items()))
+    spec = E.PoolSpec(leaves=leaves, capacity=t)
+    arrays = {n: d for n, (d, _) in deltas.items()}
+    return (arrays,), (spec,), sum(_nbytes(d) for d in arrays.values())
 
 
 def time_engine(base, cfg, batch, kv, steps, repeats, key, method_key=None, t=0) -> dict:
