@@ -6,7 +6,10 @@ r"""Decode-step speed as a fraction of the memory floor, next to a plain PyTorch
 The step timed is the one `deltajax.serve.generate` decodes with (`generate._decode_loop`: a
 `lax.while_loop` of `generate._step`, i.e. `model.forward` over the KV cache + sampling), run
 for --steps steps in one call; ms/step = wall time / steps (host work included: one call per
---steps tokens, as generate does).
+--steps tokens, as generate does). `--step=engine` times the serving engine's step instead
+(`serve.engine._decode`: every slot active, one jitted call and one host read of the tokens per
+--decode_steps tokens, attention over the slot's `--max_len` cache under a mask, tenants bound
+from a delta pool), i.e. what `Engine` / `deltajax-serve` run.
 
 Floor = bytes one step must read / the device-to-device copy bandwidth measured in the same run
 (the faster of a jax copy and a torch copy, counting bytes read + written). Bytes per step: every
@@ -56,13 +59,25 @@ flags.DEFINE_integer("repeats", 3, "Timed calls per row (median).")
 flags.DEFINE_bool("torch_peer", True, "Also time the plain PyTorch CUDA-graph step (GPU only).")
 flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of the first row here and "
                     "print the top device ops.")
-flags.DEFINE_enum("attention", "xla", ["xla", "cudnn", "pallas"],
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn", "pallas"],
                   "Decode attention (ops.DECODE_ATTENTION).")
 flags.DEFINE_enum("dense", "auto", ["auto", "xla", "pallas"],
                   "Dense projections (ops.DENSE_MATMUL): XLA's GEMMs, pallas_kernels.dense_matmul, "
                   "or the kernel where its tuning table measured it faster.")
 flags.DEFINE_string("out", None, "Markdown table to write (default: print only).")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
+flags.DEFINE_enum("step", "generate", ["generate", "engine"],
+                  "Which decode step to time: `generate` (serve.generate's on-device while_loop, "
+                  "--steps tokens per call) or `engine` (the serving engine's `_decode`: one call "
+                  "and one host read of the tokens per step over --max_len cache slots, tenants "
+                  "from a delta pool, as `Engine` runs it).")
+flags.DEFINE_integer("max_len", 2048, "--step=engine: cache positions per slot (the engine's "
+                     "--max_len; grown to fit KV + the timed steps).")
+flags.DEFINE_integer("decode_steps", 4, "--step=engine: decode steps per engine call (the "
+                     "engine's decode_steps; one host read of the tokens per call).")
+flags.DEFINE_bool("isolate", True, "Time each row in a fresh process of this script (on the H200 a "
+                  "row compiled after another in the same process was measured up to 2x slower; "
+                  "see benchmarks/decode.md). --noisolate times all rows in this process.")
 
 SHAPES = {
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -84,9 +99,21 @@ def _nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "norm"))
+def _random_leaf(key, shape, norm):
+    w = jax.random.normal(key, shape, jnp.float32) * 0.02
+    return (1.0 + w if norm else w).astype(jnp.bfloat16)
+
+
 def build_params(cfg, key):
-    return jax.jit(M.init_params, static_argnames=("cfg", "dtype", "scale"))(
-        cfg, key, dtype=jnp.bfloat16, scale=0.02)
+    """Random bf16 params of `cfg`'s shapes, one small jitted draw per leaf (a single jit of
+    `model.init_params` over all 7B weights took minutes to compile on the H200)."""
+    abstract = jax.eval_shape(functools.partial(M.init_params, cfg, dtype=jnp.bfloat16), key)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    keys = jax.random.split(key, len(flat))
+    return jax.tree.unflatten(treedef, [
+        _random_leaf(k, tuple(a.shape), "norm" in jax.tree_util.keystr(p))
+        for k, (p, a) in zip(keys, flat)])
 
 
 def with_tenants(base, method_key: str, t: int, batch: int, key) -> tuple[dict, int]:
@@ -148,6 +175,68 @@ def time_jax(params, cfg, batch, kv, steps, repeats, key) -> dict:
         jax.block_until_ready(loop(params, state))
         ts.append(time.perf_counter() - t0)
     return {"ms": 1e3 * float(np.median(ts)) / steps, "compile_s": compile_s}
+
+
+def engine_pools(base, method_key: str, t: int, key):
+    """One engine delta pool holding T random fine-tunes of METHOD (every projection); bytes."""
+    from deltajax.serve import engine as E
+
+    name, kw = METHODS[method_key]
+    m = make_method(name, **kw)
+    leaves, arrays, total, cache = [], {}, 0, {}
+
+    def f(n, w):
+        nonlocal total
+        if not is_projection(n):
+            return w
+        shp = tuple(w.shape)
+        if shp not in cache:
+            cache[shp] = jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)),
+                                        jax.ShapeDtypeStruct(shp, jnp.float32))
+        leaf_key = jax.random.fold_in(key, zlib.crc32(n.encode()) & 0x7FFFFFFF)
+        stacked = C.random_like(leaf_key, cache[shp], (t,))
+        total += _nbytes(stacked)
+        leaves.append(E.LeafSpec(n, E.LINEAR, m, jax.tree.structure(cache[shp]),
+                                 E._avals(cache[shp])))
+        arrays[n] = stacked
+        return w
+
+    map_with_names(f, base)
+    order = sorted(range(len(leaves)), key=lambda i: leaves[i].name)
+    spec = E.PoolSpec(leaves=tuple(leaves[i] for i in order), capacity=t)
+    return (arrays,), (spec,), total
+
+
+def time_engine(base, cfg, batch, kv, steps, repeats, key, method_key=None, t=0) -> dict:
+    """ms/step of `engine._decode` run as `Engine` runs it: one call + one host read per token."""
+    from deltajax.serve import engine as E
+
+    pools, specs, dbytes = ((), (), 0) if method_key is None else engine_pools(
+        base, method_key, t, key)
+    max_len = max(FLAGS.max_len, kv + steps * (repeats + 1) + 1)
+    state = E.SlotState.create(cfg, batch, max_len, jnp.bfloat16)
+    rows = np.arange(batch, dtype=np.int32)
+    state = state.replace(
+        pos=jnp.full((batch,), kv, jnp.int32), last=jnp.ones((batch,), jnp.int32),
+        pool=jnp.full((batch,), 0 if t else -1, jnp.int32),
+        index=jnp.asarray(rows % t if t else np.full(batch, -1, np.int32)))
+    active = np.ones(batch, bool)
+    k = FLAGS.decode_steps
+    calls = max(1, steps // k)
+    kw = dict(cfg=cfg, specs=specs, implementation="auto", interpret=False, steps=k)
+    t0 = time.perf_counter()
+    state, tok = E._decode(base, pools, state, active, **kw)
+    np.asarray(tok)
+    compile_s = time.perf_counter() - t0
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            state, tok = E._decode(base, pools, state, active, **kw)
+            np.asarray(tok)  # the engine reads every call's tokens on the host
+        ts.append(time.perf_counter() - t0)
+    return {"ms": 1e3 * float(np.median(ts)) / (calls * k), "compile_s": compile_s,
+            "dbytes": dbytes, "max_len": max_len}
 
 
 def weight_bytes(params, cfg) -> int:
@@ -300,9 +389,42 @@ def parse_row(r: str):
                          f"{sorted(METHODS)})")
 
 
+def _isolated_rows(argv) -> tuple[list[dict], str, dict]:
+    """Run this script once per --rows entry (fresh process each); the rows, device, bandwidths."""
+    import subprocess
+    import tempfile
+
+    drop = ("--rows", "--out", "--json_out", "--isolate", "--noisolate", "--profile_dir")
+    rest = [a for a in argv[1:] if a.split("=")[0] not in drop]
+    results, device, bws = [], "", {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, r in enumerate(FLAGS.rows):
+            js = os.path.join(tmp, f"row{i}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), *rest, f"--rows={r}",
+                   f"--json_out={js}", "--noisolate"]
+            if FLAGS.profile_dir and i == 0:
+                cmd.append(f"--profile_dir={FLAGS.profile_dir}")
+            print(f"[bench_decode] row {r}: fresh process", flush=True)
+            subprocess.run(cmd, check=True)
+            with open(js) as fh:
+                d = json.load(fh)
+            device = d["device"]
+            for k, v in d["copy_bw"].items():
+                bws.setdefault(k, []).append(v)
+            results += d["rows"]
+    return results, device, bws
+
+
 def main(argv):
     del argv
     rows = [parse_row(r) for r in FLAGS.rows]
+    if FLAGS.isolate and len(rows) > 1:
+        results, device, bws = _isolated_rows(sys.argv)
+        bw_text = ", ".join(f"{k} {min(v) / 1e9:.0f}–{max(v) / 1e9:.0f} GB/s"
+                            for k, v in bws.items())
+        _write_table(results, device, bw_text + " (one measurement per row's process; each "
+                     "row's floor uses its own)", rows_isolated=True)
+        return
     ops.DECODE_ATTENTION = FLAGS.attention
     ops.DENSE_MATMUL = FLAGS.dense
     cfg = M.ModelConfig(**SHAPES[FLAGS.shape])
@@ -317,17 +439,22 @@ def main(argv):
     wbytes = weight_bytes(base, cfg)
     results = []
     for i, (meth, t, b, kv) in enumerate(rows):
-        params, dbytes = (base, 0) if meth is None else with_tenants(base, meth, t, b, key)
-        if FLAGS.profile_dir and i == 0:
-            for line in profile_top(params, cfg, b, kv, FLAGS.steps, key, FLAGS.profile_dir):
-                print("[profile] " + line, flush=True)
-        r = time_jax(params, cfg, b, kv, FLAGS.steps, FLAGS.repeats, key)
+        if FLAGS.step == "engine":
+            params = None
+            r = time_engine(base, cfg, b, kv, FLAGS.steps, FLAGS.repeats, key, meth, t)
+            dbytes = r["dbytes"]
+        else:
+            params, dbytes = (base, 0) if meth is None else with_tenants(base, meth, t, b, key)
+            if FLAGS.profile_dir and i == 0:
+                for line in profile_top(params, cfg, b, kv, FLAGS.steps, key, FLAGS.profile_dir):
+                    print("[profile] " + line, flush=True)
+            r = time_jax(params, cfg, b, kv, FLAGS.steps, FLAGS.repeats, key)
         byts = wbytes + dbytes + kv_bytes(cfg, b, kv, FLAGS.steps)
         floor_ms = 1e3 * byts / floor_bw
         row = {"row": "base alone" if meth is None else f"{t} × {meth}", "batch": b, "kv": kv,
                "ms": r["ms"], "tok_s": b / (r["ms"] / 1e3), "bytes": byts,
-               "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / r["ms"],
-               "compile_s": r["compile_s"]}
+               "floor_bw": floor_bw, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / r["ms"],
+               "compile_s": r["compile_s"], "step": FLAGS.step, "max_len": r.get("max_len")}
         if FLAGS.torch_peer and jax.default_backend() == "gpu" and meth is None:
             try:
                 row["torch_ms"] = torch_step_ms(cfg, b, kv, FLAGS.steps)
@@ -341,6 +468,13 @@ def main(argv):
         print("[bench_decode] " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                                               for k, v in row.items()}), flush=True)
         del params
+    bw_text = ", ".join(f"{k} {v / 1e9:.0f} GB/s" for k, v in bw.items())
+    _write_table(results, device, bw_text + f"; floor = bytes / {floor_bw / 1e9:.0f} GB/s",
+                 rows_isolated=False, copy_bw=bw)
+
+
+def _write_table(results, device, bw_text, *, rows_isolated, copy_bw=None):
+    cfg = M.ModelConfig(**SHAPES[FLAGS.shape])
     lines = [
         "# Decode step vs the memory floor",
         "",
@@ -349,12 +483,15 @@ def main(argv):
         "",
         f"Model: {FLAGS.shape} shapes ({cfg.num_hidden_layers} layers, hidden "
         f"{cfg.hidden_size}, MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}), bf16. "
-        f"Copy bandwidth measured in this run: " + ", ".join(
-            f"{k} {v / 1e9:.0f} GB/s" for k, v in bw.items())
-        + f"; floor = bytes / {floor_bw / 1e9:.0f} GB/s. The step: `serve.generate`'s decode "
-        f"loop, {FLAGS.steps} steps per call; attention {FLAGS.attention}; dense "
-        f"projections {FLAGS.dense}; XLA_FLAGS="
-        f"`{os.environ.get('XLA_FLAGS', '')}`.",
+        f"Copy bandwidth measured in this run: {bw_text}. The step: "
+        + ("`serve.generate`'s decode loop, " f"{FLAGS.steps} steps per call"
+           if FLAGS.step == "generate" else "the serving engine's `_decode` ("
+           f"{FLAGS.decode_steps} steps per call and host read, {FLAGS.max_len}+ cache "
+           "positions per slot, all slots active)")
+        + f"; attention {FLAGS.attention}; dense "
+        f"projections {FLAGS.dense}; rows "
+        f"{'each in a fresh process' if rows_isolated else 'in one process'}; "
+        f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`.",
         "",
         "| row | batch | KV | ms/step | tokens/s | bytes/step | floor ms | % of floor "
         "| PyTorch CUDA graph ms | ours / PyTorch speed |",
@@ -374,7 +511,8 @@ def main(argv):
             fh.write(text)
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as fh:
-            json.dump({"device": device, "copy_bw": bw, "rows": results}, fh, indent=1)
+            json.dump({"device": device, "copy_bw": copy_bw or {}, "rows": results}, fh,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from deltajax import ops
 from deltajax import tree as T
+from deltajax.errors import NonFiniteError
 from deltajax.parallel import sharding as sh
 from deltajax.quant import effective_group, minmax_params, quantize_codes
 from pallas_kernels import packing
@@ -609,7 +610,31 @@ class DeltaWeight(ops.BaseWeight):
 
 @functools.partial(jax.jit, static_argnames=("method",))
 def _compress_leaf(method, delta, key, stats):
-    return method.compress(delta, key=key, stats=stats)
+    c = method.compress(delta, key=key, stats=stats)
+    return c, finite_flags(delta, c)
+
+
+def finite_flags(delta: jax.Array, container) -> jax.Array:
+    """(2,) bool: [every delta entry finite, every float array of the container finite] — one
+    reduction per array, computed inside the compress program (jit-/vmap-able)."""
+    outs = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(container)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+    ok_out = jnp.all(jnp.stack(outs)) if outs else jnp.bool_(True)
+    return jnp.stack([jnp.all(jnp.isfinite(delta)), ok_out])
+
+
+def check_finite_flags(flags, method, name: str, shape) -> None:
+    """Raise `errors.NonFiniteError` naming the leaf unless both `finite_flags` hold (host)."""
+    ok_in, ok_out = (bool(v) for v in jax.device_get(flags))
+    if not ok_in:
+        raise NonFiniteError(
+            f"{name}: the delta of shape {tuple(shape)} holds NaN/Inf; {method.name} refuses to "
+            "compress it (check the fine-tune's and the base's weights)", name=name)
+    if not ok_out:
+        raise NonFiniteError(
+            f"{name}: {method.name} produced NaN/Inf from a finite delta of shape "
+            f"{tuple(shape)} (a numerical failure, or values beyond the range of its storage "
+            "dtype; try other options)", name=name)
 
 
 def leaf_key(key: jax.Array, name: str) -> jax.Array:
@@ -618,7 +643,16 @@ def leaf_key(key: jax.Array, name: str) -> jax.Array:
 
 
 def compress_leaf(method, name: str, delta, *, key=None, stats=None) -> DeltaLeaf:
-    """`method.compress` of one leaf's delta (jitted per (method, shape)) as a `DeltaLeaf`."""
+    """`method.compress` of one leaf's delta (jitted per (method, shape)) as a `DeltaLeaf`.
+
+    The one dispatch every compress path goes through, so every method gets these checks:
+    `method.validate(shape)` first (an impossible budget raises `errors.BudgetError`), and a
+    delta holding NaN/Inf, or a container the method filled with NaN/Inf, raises
+    `errors.NonFiniteError` naming the leaf (one reduction per array inside the compress program,
+    checked on the host after it).
+    """
     key = jax.random.PRNGKey(0) if key is None else key
-    c = _compress_leaf(method, delta, leaf_key(key, name), stats)
+    method.validate(tuple(delta.shape))
+    c, flags = _compress_leaf(method, delta, leaf_key(key, name), stats)
+    check_finite_flags(flags, method, name, delta.shape)
     return DeltaLeaf(container=c, method=method, shape=tuple(delta.shape))

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from deltajax import accounting, data
 from deltajax.config import RunConfig, as_run_config
 from deltajax.containers import DeltaLeaf, DeltaWeight, compress_leaf
+from deltajax.errors import BudgetError, NonFiniteError
 from deltajax.methods import Method, default_rules
 from deltajax.parallel import sharded
 from deltajax.serve import multitenant
@@ -41,6 +42,10 @@ from pallas_kernels.quant_matmul import mosaic_gpu as _mosaic_gpu
 
 class DeltaError(ValueError):
     """Base and fine-tuned params (or a delta and its base) do not fit together."""
+
+
+class NonFiniteDeltaError(DeltaError, NonFiniteError):
+    """The delta of some leaves holds NaN/Inf (`name`: the first of them)."""
 
 
 # -------------------------------------------------------------------------------------- extract
@@ -90,7 +95,8 @@ def extract(base, finetuned, *, base_cfg=None, ft_cfg=None, allow_nonfinite: boo
     deltas = _sub(finetuned, base)
     rep = delta_report(deltas)
     if rep["nonfinite"] and not allow_nonfinite:
-        raise DeltaError("NaN/Inf in the delta of: " + ", ".join(rep["nonfinite"]))
+        raise NonFiniteDeltaError("NaN/Inf in the delta of: " + ", ".join(rep["nonfinite"]),
+                                  name=rep["nonfinite"][0])
     return deltas
 
 
@@ -131,6 +137,42 @@ def _plan(spec, keep_other: bool) -> _Plan:
                      distill_steps=c.distill_steps)
     raise TypeError(f"compress: expected a Method, a sequence of Rules or a RunConfig, got "
                     f"{type(spec).__name__}")
+
+
+def check_budgets(method, shapes) -> None:
+    """Refuse, before any weight is read, a budget some matrix of the model cannot meet.
+
+    Args:
+      method: what `compress` takes: a `Method`, a sequence of `Rule`s or a run config.
+      shapes: a `ModelConfig` (its parameter shapes) or {leaf name: shape}.
+
+    Raises:
+      errors.BudgetError: naming the method, how many matrices fail, one of them with its shape,
+        and the smallest ratio that works for every matrix (`min_ratio`).
+    """
+    from deltajax.io.params_ckpt import expected_shapes
+
+    if not isinstance(shapes, Mapping):
+        shapes = expected_shapes(shapes)
+    rules = _plan(method, True).rules
+    bad = []
+    for name, shape in shapes.items():
+        r = rule_for(name, rules)
+        if r is None or r.method is None:
+            continue
+        try:
+            r.method.validate(tuple(shape))
+        except BudgetError as e:
+            bad.append((name, tuple(shape), e))
+    if not bad:
+        return
+    need = [e.min_ratio for _, _, e in bad if e.min_ratio is not None]
+    worst = max(need) if len(need) == len(bad) else None
+    if worst is not None:  # the example: the matrix needing the largest ratio
+        bad.sort(key=lambda b: -b[2].min_ratio)
+    name, shape, first = bad[0]
+    raise BudgetError(f"{len(bad)} of the model's matrices cannot meet the budget, e.g. {name} "
+                      f"{shape}: {first}", min_ratio=worst)
 
 
 def _compress_tree(deltas, rules, *, key, stats=None, progress=True) -> dict[str, DeltaLeaf]:
@@ -192,6 +234,8 @@ def compress(
             raise TypeError("compress: pass both base and finetuned as params, or both as paths")
         return _compress_streaming(base, finetuned, plan.rules, key=key, progress=progress)
     check_pair(base, finetuned)
+    check_budgets(plan.rules, {n: tuple(getattr(x, "base", x).shape)
+                               for n, x in flatten(base).items()})
     deltas = extract(base, finetuned)
     zero = delta_report(deltas)["zero"]
     if zero:
@@ -262,6 +306,7 @@ def _compress_streaming(base_dir, ft_dir, rules, *, key, progress: bool = True,
     if missing:
         raise DeltaError("base and fine-tune checkpoints hold different tensors: "
                          + ", ".join(missing[:8]))
+    check_budgets(rules, {n: tuple(t.shape) for n, t in rb.items()})
     groups: dict[str, list[str]] = {}
     for name in rb:
         g = ".".join(name.split(".")[:2]) if name.startswith("layers.") else "other"
@@ -281,7 +326,7 @@ def _compress_streaming(base_dir, ft_dir, rules, *, key, progress: bool = True,
                 continue
             out[name] = compress_leaf(r.method, name, d, key=key)
     if bad:
-        raise DeltaError("NaN/Inf in the delta of: " + ", ".join(bad))
+        raise NonFiniteDeltaError("NaN/Inf in the delta of: " + ", ".join(bad), name=bad[0])
     return out
 
 
@@ -414,5 +459,6 @@ def errors_by_type(rel: Mapping[str, float]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
-__all__ = ["DeltaError", "attach", "check_pair", "compress", "delta_report", "errors_by_type",
+__all__ = ["BudgetError", "DeltaError", "NonFiniteDeltaError", "NonFiniteError", "attach",
+           "check_budgets", "check_pair", "compress", "delta_report", "errors_by_type",
            "extract", "merge", "relative_errors", "report"]

@@ -137,11 +137,14 @@ def apply_rope(
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
-# Decode attention on a GPU: "xla" (the reference below, default), "cudnn" (one cuDNN fused
-# kernel through `jax.nn.dot_product_attention` for single-token queries in bf16/fp16) or
-# "pallas" (pallas_kernels.decode_attention's flash-decoding kernel); rows with no valid key
-# return zeros in each. Set per process (bench_decode.py --attention).
-DECODE_ATTENTION = "xla"
+# Decode attention on a GPU: "auto" (default: pallas_kernels.decode_attention's flash-decoding
+# kernel on a single GPU where its guard accepts the shape, else the XLA reference below), "xla"
+# (always the reference), "pallas" (the kernel wherever its guard accepts, also under a mesh) or
+# "cudnn" (one cuDNN fused kernel through `jax.nn.dot_product_attention` for single-token
+# queries in bf16/fp16); rows with no valid key return zeros in each. The kernel reads each row's
+# cache only up to its last valid slot, which the serving engine's fixed `max_len` cache needs
+# (measured: benchmarks/decode.md). Set per process (bench_decode.py --attention).
+DECODE_ATTENTION = "auto"
 
 
 def attention(
@@ -149,13 +152,22 @@ def attention(
     k: Float[Array, "b s kh d"],
     v: Float[Array, "b s kh d"],
     mask: Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Float[Array, "b t h d"]:
     """Softmax attention with grouped KV heads; `mask` (b, t, s) is True where attending is allowed.
 
-    Softmax is computed in fp32. Rows with no allowed key (fully padded queries) return zeros.
+    Scores are ``q.k * scale`` (default 1/sqrt(d)), then ``softcap * tanh(s / softcap)`` when a
+    soft-cap is given (Gemma 2); both non-default settings take the XLA path. Softmax is computed
+    in fp32. Rows with no allowed key (fully padded queries) return zeros.
     """
+    if scale is not None or softcap is not None:
+        return _attention_xla(q, k, v, mask, scale=scale, softcap=softcap)
     gpu_decode = q.shape[1] == 1 and jax.default_backend() == "gpu"
-    if (DECODE_ATTENTION == "pallas" and gpu_decode and _pk_attn.pallas_gpu.can_use(
+    kernel = DECODE_ATTENTION == "pallas" or (DECODE_ATTENTION == "auto"
+                                              and jax.device_count() == 1)
+    if (kernel and gpu_decode and _pk_attn.pallas_gpu.can_use(
             h=q.shape[2], kh=k.shape[2], d=q.shape[3], dtype=q.dtype)):
         o = _pk_attn.decode_attention(q[:, 0], k, v, mask[:, 0, :], implementation="pallas_gpu")
         return o[:, None]
@@ -166,14 +178,16 @@ def attention(
     return _attention_xla(q, k, v, mask)
 
 
-def _attention_xla(q, k, v, mask):
+def _attention_xla(q, k, v, mask, *, scale=None, softcap=None):
     b, t, h, d = q.shape
     kh = k.shape[2]
     g = h // kh
     qg = q.reshape(b, t, kh, g, d)
     prec = _precision(q.dtype)
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=prec, preferred_element_type=jnp.float32)
-    s = s / math.sqrt(d)
+    s = s / math.sqrt(d) if scale is None else s * scale
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
     m = mask[:, None, None, :, :]
     s = jnp.where(m, s, -jnp.inf)
     smax = jnp.max(s, axis=-1, keepdims=True)

@@ -28,8 +28,11 @@ import jax
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = PROJECTIONS[:4]
 MLP_PROJECTIONS = PROJECTIONS[4:]
-PROJ_PATTERN = r"(^|\.)(q|k|v|o|gate|up|down)_proj\.weight$"
-MLP_PATTERN = r"(^|\.)(gate|up|down)_proj\.weight$"
+# Fused projections (Phi-3): one weight for q/k/v and one for gate/up. Their delta is one
+# matrix to every method (compressed as a whole, not per logical projection).
+FUSED_PROJECTIONS = ("qkv_proj", "gate_up_proj")
+PROJ_PATTERN = r"(^|\.)(q|k|v|o|gate|up|down|qkv|gate_up)_proj\.weight$"
+MLP_PATTERN = r"(^|\.)(gate|up|down|gate_up)_proj\.weight$"
 LM_HEAD = "lm_head.weight"
 EMBEDDING = "embed_tokens.weight"
 
@@ -70,7 +73,7 @@ def map_with_names(fn, tree):
 
 
 def is_projection(name: str) -> bool:
-    """True for the seven decoder-layer projection weights (q/k/v/o/gate/up/down)."""
+    """True for the decoder-layer projection weights (q/k/v/o/gate/up/down, fused qkv/gate_up)."""
     return re.search(PROJ_PATTERN, name) is not None
 
 

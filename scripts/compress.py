@@ -30,6 +30,7 @@ import jax
 from absl import flags
 
 from deltajax import cli, compress, delta, load_model, save_delta
+from deltajax.io.resolve import load_model_config
 from deltajax.parallel import sharding
 
 FLAGS = flags.FLAGS
@@ -53,6 +54,10 @@ def main(argv):
     calib = run_config.calib_data
     if calib is not None and not Path(calib).expanduser().is_file():
         raise FileNotFoundError(f"--config.calib_data: calibration file {calib} does not exist")
+    with cli.about("base"):
+        base_cfg = load_model_config(FLAGS.base)
+    with cli.about("config"):  # an impossible budget is refused before any weight is read
+        delta.check_budgets(run_config, base_cfg)
     mesh = sharding.mesh_from_flag(FLAGS.mesh, tag="compress")
     with cli.about("base"):
         base, cfg, tok, _ = load_model(FLAGS.base, mesh=mesh)

@@ -268,7 +268,9 @@ def _header(report) -> list[str]:
         "values, masks, seeds) against a 16-bit delta; 'linear' over the projections, 'whole' "
         "also counts the bf16 delta kept for embeddings and norms",
         "- rel. error = mean over projections of ‖Δ−Δ̂‖_F/‖Δ‖_F (per matrix in the JSON); gain "
-        "kept = (m_compressed − m_base) / (m_ft − m_base) for GSM8K accuracy and domain ppl",
+        "kept = (m_compressed − m_base) / (m_ft − m_base) for GSM8K accuracy and domain ppl; "
+        "n/a where the fine-tune moves the metric by less than 1 % of the base's perplexity "
+        "(1 accuracy point), n.s. where its accuracy gain is within 2 standard errors",
         "",
         f"Base: WikiText-2 {b['wikitext2_ppl']:.3f}, domain ppl {b['domain_ppl']:.3f}, KL to FT "
         f"{b['kl']:.4f}" + (f", GSM8K {100 * b['gsm8k_acc']:.2f}% ± {100 * b['gsm8k_stderr']:.2f}"

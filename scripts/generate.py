@@ -31,10 +31,10 @@ import json
 import time
 from pathlib import Path
 
-import jax
 from absl import flags
 
 from deltajax import attach, cli, load_delta, load_model
+from deltajax.io.params_ckpt import cast_params
 from deltajax.io.resolve import describe
 from deltajax.parallel import sharded, sharding
 from deltajax.serve import generate as G
@@ -151,7 +151,8 @@ def main(argv):
         loaded = [load_delta(p, base_params=base, cfg=cfg) for p in paths]
     deltas, metas = [d for d, _ in loaded], [m for _, m in loaded]
     if FLAGS.dtype:  # after the fingerprint check, which is of the stored base
-        base = jax.tree.map(lambda w: w.astype(FLAGS.dtype), base)
+        with cli.about("dtype"):  # a weight beyond the dtype's range is refused, not Inf
+            base = cast_params(base, FLAGS.dtype, what="base")
     print(f"[generate] base {FLAGS.base}: {describe(cfg)}; loaded in "
           f"{time.perf_counter() - t0:.1f} s")
     for i, (p, m) in enumerate(zip(paths, metas)):

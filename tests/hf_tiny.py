@@ -21,6 +21,8 @@ import torch
 import transformers
 
 FAMILIES = ("llama_mha", "llama_gqa", "llama_mqa", "mistral", "qwen2", "smollm_tied", "llama3_rope")
+# Families beyond the Llama layout (one forward, different ModelConfig fields).
+NEW_FAMILIES = ("qwen3", "qwen2_sliding", "gemma", "gemma2", "gemma3", "olmo2", "phi3")
 
 _BASE = dict(
     vocab_size=128,
@@ -82,15 +84,52 @@ def tiny_hf_config(family: str, *, tie: bool = False, **overrides: Any):
                 "original_max_position_embeddings": 16,
             },
         )
+    elif family == "qwen3":
+        cls = transformers.Qwen3Config
+        kw.update(head_dim=16)
+    elif family == "qwen2_sliding":  # layer 0 full, layer 1 sliding (max_window_layers=1)
+        cls = transformers.Qwen2Config
+        kw.update(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    elif family == "gemma":
+        cls = transformers.GemmaConfig
+        kw.update(head_dim=16, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh")
+    elif family == "gemma2":  # small caps so the soft-capping is active
+        cls = transformers.Gemma2Config
+        kw.update(head_dim=16, tie_word_embeddings=True, sliding_window=4,
+                  query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                  final_logit_softcapping=3.0)
+    elif family == "gemma3":  # sliding layer with a local RoPE base, global layer linear-scaled
+        cls = transformers.Gemma3TextConfig
+        kw.update(head_dim=16, tie_word_embeddings=True, sliding_window=4,
+                  query_pre_attn_scalar=24,
+                  layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={
+                      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                      "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                         "rope_theta": 1000000.0},
+                  })
+    elif family == "olmo2":
+        cls = transformers.Olmo2Config
+    elif family == "phi3":
+        cls = transformers.Phi3Config
+        kw.update(sliding_window=6)
     else:
-        raise ValueError(f"unknown tiny family {family!r}; choose from {FAMILIES}")
+        raise ValueError(
+            f"unknown tiny family {family!r}; choose from {FAMILIES + NEW_FAMILIES}"
+        )
     kw.update(overrides)
     return cls(**kw)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Re-draws every parameter in place: weights ~ N(0, 1/fan_in), biases and norms non-trivial."""
+    """Re-draws every parameter in place: weights ~ N(0, 1/fan_in), biases and norms non-trivial.
+
+    Families that scale embeddings by sqrt(hidden) and tie them (Gemma) draw them ~ N(0, 1/hidden²),
+    so the tied-head logits stay O(1) like the other families'."""
     g = torch.Generator().manual_seed(seed)
+    emb_std = 1.0
+    if model.config.model_type.startswith("gemma"):
+        emb_std = 1.0 / model.config.hidden_size
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -98,7 +137,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             elif name.endswith("bias"):
                 new = 0.1 * torch.randn(p.shape, generator=g)
             elif "embed_tokens" in name:
-                new = torch.randn(p.shape, generator=g)
+                new = emb_std * torch.randn(p.shape, generator=g)
             else:
                 new = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
             p.copy_(new.to(p.dtype))

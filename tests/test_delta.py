@@ -98,6 +98,9 @@ def test_extract_refuses_nonfinite_unless_allowed(pair):
     with pytest.raises(delta.DeltaError, match=f"NaN/Inf in the delta of: {re.escape(Q)}, "
                                                "norm.weight$"):
         delta.extract(base, ft)
+    with pytest.raises(delta.NonFiniteError) as e:  # also the non-finite error type
+        delta.extract(base, ft)
+    assert e.value.name == Q
     d = delta.extract(base, ft, allow_nonfinite=True)
     assert np.isnan(np.asarray(T.flatten(d)[Q])[0, 0])
     assert delta.delta_report(d)["nonfinite"] == [Q, "norm.weight"]

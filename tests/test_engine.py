@@ -267,7 +267,7 @@ def test_bad_requests_are_refused_and_cancel_frees_the_slot(setup, engine):
 
 def test_prefill_interleaves_with_decoding(setup, engine):
     """While slots decode, at most `prefills_per_step` waiting requests are prefilled per
-    decode step: the running stream gets a token at every step."""
+    decode call: the running stream gets `decode_steps` tokens at every call."""
     assert engine.prefills_per_step == 1 and not engine.running
     long = engine.submit(PROMPTS[0], model="ft-rtn", max_tokens=40, ignore_eos=True)
     engine.step()  # nothing was decoding: prefill, then one decode step
@@ -278,7 +278,8 @@ def test_prefill_interleaves_with_decoding(setup, engine):
     for k in (1, 2):
         engine.step()
         assert engine.metrics()["stats"]["prefills"] == pre0 + k
-        assert len(long.output_ids) == n0 + k, "the running stream stalled during a prefill"
+        assert len(long.output_ids) == n0 + k * engine.decode_steps, \
+            "the running stream stalled during a prefill"
     for r, (p, m) in zip(others, zip(PROMPTS[1:3], ["base", "ft-lr"])):
         got = r.result().token_ids
         assert got == reference(setup, m, p)[0][:len(got)] and len(got) in range(1, 5), (m, p)
@@ -335,3 +336,18 @@ def test_tied_embedding_delta_per_row():
     assert [o.token_ids for o in got[:3]] == want
     assert [o.token_ids for o in got[3:]] == want_base
     assert want != want_proj and want != want_base
+
+
+def test_decode_steps_per_call_do_not_change_outputs(setup):
+    """One token per device call or three: the same greedy answers, fewer host round trips."""
+    cfg, base, tok, comps = setup
+    pairs = [(PROMPTS[0], "ft-rtn"), (PROMPTS[1], "base"), (PROMPTS[2], "ft-bd")]
+    calls = {}
+    for k in (1, 3):
+        eng = E.Engine(base, cfg, tok, deltas={m: comps[m] for _, m in pairs if m != "base"},
+                       slots=2, max_len=64, prefill_buckets=(16, 64), seed=0, decode_steps=k)
+        outs = eng.generate([p for p, _ in pairs], model=[m for _, m in pairs], max_tokens=N)
+        for (p, m), o in zip(pairs, outs):
+            assert o.token_ids == reference(setup, m, p)[0], (k, m, p)
+        calls[k] = eng.metrics()["stats"]["decode_calls"]
+    assert calls[3] < calls[1], calls

@@ -271,3 +271,21 @@ def test_script_end_to_end(base, tmp_path):
     md = out.read_text()
     assert "| RTN 2-bit | 1/8 |" in md and "fine-tune recipe" in md
     assert (out.parent / "q_spectra.png").exists() and (out.parent / "q_error_vs_bits.png").exists()
+
+
+def test_gain_kept_is_na_when_the_fine_tune_barely_moves_the_metric():
+    # the case of issue 18: the fine-tune moves the domain ppl by 0.01 % -> "13403 %" before
+    assert math.isnan(E.metric_gain_kept("domain_ppl", 9.0, 10.0, 9.999))
+    assert E.metric_gain_kept("domain_ppl", 9.5, 10.0, 9.0) == pytest.approx(0.5)  # a 10 % move
+    assert math.isnan(E.metric_gain_kept("gsm8k_acc", 0.30, 0.200, 0.205))  # half a point
+    assert E.metric_gain_kept("gsm8k_acc", 0.25, 0.2, 0.3) == pytest.approx(0.5)
+    assert E.gain_kept(9.0, 10.0, 9.999) == pytest.approx(1000.0)  # no threshold: the raw ratio
+    rep = _fake_report()
+    rep["finetune"]["domain_ppl"] = rep["base"]["domain_ppl"] * (1 - 1e-4)
+    rep["rows"][0]["metrics"]["domain_ppl"] = 7.0
+    rows = [ln for ln in E.markdown_table(rep).splitlines() if ln.startswith("| X")]
+    assert rows and rows[0].endswith("| n/a |"), rows
+    assert "%" not in rows[0].rsplit("|", 2)[-2]
+    rep["finetune"]["domain_ppl"] = 6.0  # a real move: base 8 -> 6, compressed 7 keeps half
+    rows = [ln for ln in E.markdown_table(rep).splitlines() if ln.startswith("| X")]
+    assert rows[0].endswith("| 50.0% |"), rows

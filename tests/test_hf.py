@@ -190,19 +190,22 @@ def test_config_to_hf_round_trip(tiny, family):
 
 BAD_CONFIGS = [
     ("llama_gqa", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    (
+    (  # issue 18: both layouts, transformers would apply rope_scaling
         "llama_gqa",
-        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-        "yarn",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+         "rope_scaling": {"type": "linear", "factor": 2.0}},
+        "rope_scaling=",
     ),
-    (
-        "llama_gqa",
-        {"rope_parameters": _DELETE, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-        "dynamic",
-    ),
+    ("llama_gqa", {"rope_parameters": {"rope_type": "proportional", "factor": 2.0}},
+     "proportional"),
+    ("llama_gqa", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+                   "rope_theta": 5e5}, "rope_parameters.rope_theta"),
     ("llama_gqa", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window=True"),
-    ("llama_gqa", {"model_type": "gemma"}, "model_type='gemma'"),
+    ("qwen2", {"use_sliding_window": False,
+               "layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+    ("llama_gqa", {"model_type": "falcon"}, "model_type='falcon'"),
+    ("llama_gqa", {"model_type": "gemma"}, "architectures"),
+    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ("llama_gqa", {"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
     ("llama_gqa", {"num_key_value_heads": 3}, "num_key_value_heads=3"),
     ("llama_gqa", {"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
@@ -601,3 +604,85 @@ def test_script_convert_fails_cleanly_on_corrupt_dir(tiny, tmp_path):
     assert "model.layers.0.input_layernorm.weight" in r.stderr
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# ----------------------------------------------------------------------------- non-finite weights
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_weight_refused_at_load_naming_the_tensor(tiny, tmp_path, bad):
+    from deltajax.errors import NonFiniteError
+
+    src = _copy(tiny("llama_gqa"), tmp_path / "src")
+
+    def edit(sd):
+        sd["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
+
+    _rewrite(src, edit)
+    for load in (lambda: hf.load_params(src),
+                 lambda: hf.load_params(src, dtype="bfloat16"),
+                 lambda: hf.convert_hf_to_checkpoint(src, tmp_path / "out")):
+        with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.* 1 "):
+            load()
+    assert not (tmp_path / "out").exists()
+    # placed (sharded) loads read slices from a memory map: checked there too
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with pytest.raises(NonFiniteError, match=r"layers\.1\.mlp\.up_proj\.weight"):
+        hf.load_params(src, sharding=rep)
+
+
+def test_cast_beyond_float16_range_refused_naming_the_tensor(tiny, tmp_path):
+    from deltajax.errors import NonFiniteError
+
+    src = _copy(tiny("llama_gqa"), tmp_path / "src")
+
+    def edit(sd):
+        sd["model.layers.0.self_attn.o_proj.weight"][0, 0] = 1e6  # > float16 max 65504
+
+    _rewrite(src, edit)
+    params = hf.load_params(src)  # float32 as stored: fine
+    assert float(params["layers"][0]["self_attn"]["o_proj"]["weight"][0, 0]) == 1e6
+    hf.load_params(src, dtype="bfloat16")  # bf16 has float32's range
+    with pytest.raises(NonFiniteError, match=r"o_proj\.weight.*float32 -> float16"):
+        hf.load_params(src, dtype="float16")
+    with pytest.raises(NonFiniteError, match=r"o_proj\.weight.*float32 -> float16"):
+        hf.convert_hf_to_checkpoint(src, tmp_path / "ckpt", dtype="float16")
+    assert not (tmp_path / "ckpt").exists()
+    cfg = hf.load_config(src)
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.0\.self_attn\.o_proj\.weight"):
+        hf.export_hf(params, cfg, tmp_path / "exp", dtype="float16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing partial left
+
+
+def test_nonfinite_leaf_of_converted_checkpoint_refused(tiny, tmp_path):
+    from deltajax.errors import NonFiniteError
+
+    src = tiny("llama_gqa")
+    params = hf.load_params(src)
+    cfg = hf.load_config(src)
+    w = params["layers"][1]["self_attn"]["k_proj"]["weight"]
+    params["layers"][1]["self_attn"]["k_proj"]["weight"] = w.at[2, 2].set(jnp.nan)
+    checkpoint.save_params(params, cfg, tmp_path / "c")
+    with pytest.raises(NonFiniteError, match=r"layers\.1\.self_attn\.k_proj\.weight.*1 NaN"):
+        checkpoint.load_params_ckpt(tmp_path / "c")
+    big = hf.load_params(src)
+    big["embed_tokens"]["weight"] = big["embed_tokens"]["weight"].at[0, 0].set(1e6)
+    checkpoint.save_params(big, cfg, tmp_path / "b")
+    checkpoint.load_params_ckpt(tmp_path / "b")
+    with pytest.raises(NonFiniteError, match=r"embed_tokens\.weight.*float32 -> float16"):
+        checkpoint.load_params_ckpt(tmp_path / "b", dtype="float16")
+
+
+def test_cast_params_refuses_overflow_naming_the_leaf():
+    from deltajax.errors import NonFiniteError
+
+    params = {"a": {"weight": jnp.ones((3, 4))},
+              "b": {"weight": jnp.zeros((2, 2)).at[1, 0].set(7e4)}}  # > float16 max 65504
+    out = checkpoint.cast_params(params, "bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+    with pytest.raises(NonFiniteError, match=r"base: 'b\.weight' has 1 entries NaN/Inf after "
+                       r"casting float32 -> float16"):
+        checkpoint.cast_params(params, "float16", what="base")
+    ok = checkpoint.cast_params({"a": params["a"]}, jnp.float16)
+    np.testing.assert_array_equal(np.asarray(ok["a"]["weight"], np.float32), 1.0)

@@ -44,15 +44,28 @@ def test_dense_matmul_guard_and_tuning_table(tmp_path, monkeypatch):
         dgpu._table.cache_clear()
 
 
-@pytest.mark.parametrize("b,h,kh,d,s,splits", [(2, 4, 2, 16, 37, None), (1, 4, 4, 32, 130, 3),
-                                               (3, 8, 1, 16, 20, 1)])
-def test_decode_attention_interpret_matches_reference(b, h, kh, d, s, splits, rng, seed):
+@pytest.mark.parametrize("b,h,kh,d,s,splits,prefix", [
+    (2, 4, 2, 16, 37, None, False), (1, 4, 4, 32, 130, 3, False), (3, 8, 1, 16, 20, 1, False),
+    (4, 4, 2, 16, 100, 3, True)])
+def test_decode_attention_interpret_matches_reference(b, h, kh, d, s, splits, prefix, rng, seed):
     q = jnp.asarray(rng.normal(size=(b, h, d)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(b, s, kh, d)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(b, s, kh, d)), jnp.float32)
-    valid = jnp.asarray(rng.random((b, s)) < 0.7).at[0, :].set(b != 3)  # b=3: row 0 empty
+    if prefix:  # a serving cache: row i holds lengths[i] tokens (one shorter than a block,
+        # one ending inside the second split, one full); the kernel stops at each row's length
+        lengths = np.array([5, 40, s, 17])
+        valid = jnp.asarray(np.arange(s)[None] < lengths[:, None])
+        # NaN in every whole block past a row's length: read, it would poison the row's output
+        past = np.arange(s)[None] >= -(-lengths[:, None] // 16) * 16
+        k_clean, v_clean = k, v
+        k = jnp.where(past[:, :, None, None], jnp.nan, k)
+        v = jnp.where(past[:, :, None, None], jnp.nan, v)
+    else:
+        valid = jnp.asarray(rng.random((b, s)) < 0.7).at[0, :].set(b != 3)  # b=3: row 0 empty
     got = decode_attention(q, k, v, valid, implementation="pallas_gpu", block_s=16,
                            splits=splits, interpret=True)
+    if prefix:
+        k, v = k_clean, v_clean
     # float64 numpy softmax as the judge (the xla reference is the spec, checked beside it)
     qg = np.asarray(q, np.float64).reshape(b, kh, h // kh, d)
     sc = np.einsum("bkgd,bskd->bkgs", qg, np.asarray(k, np.float64)) / np.sqrt(d)
@@ -63,8 +76,9 @@ def test_decode_attention_interpret_matches_reference(b, h, kh, d, s, splits, rn
     p = p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
     want = np.einsum("bkgs,bskd->bkgd", p, np.asarray(v, np.float64)).reshape(b, h, d)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, err_msg=f"seed={seed}")
-    ref = decode_attention(q, k, v, valid, implementation="xla")
-    np.testing.assert_allclose(np.asarray(ref), want, atol=2e-5, err_msg=f"seed={seed}")
+    if not prefix:
+        ref = decode_attention(q, k, v, valid, implementation="xla")
+        np.testing.assert_allclose(np.asarray(ref), want, atol=2e-5, err_msg=f"seed={seed}")
     if b == 3:
         assert not np.any(np.asarray(got)[0]), "a row without valid slots must give zeros"
         assert np.abs(np.asarray(got)[1:]).max() > 0.1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from kernels_helpers import (
     activations,
@@ -249,3 +250,23 @@ def test_decode_attention_gpu(b, h, kh, s):
     got = decode_attention(q, k, v, valid, implementation="pallas_gpu")
     want = decode_attention(q, k, v, valid, implementation="xla")
     assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu decode attention b={b} s={s}")
+
+
+def test_decode_attention_gpu_stops_at_row_length():
+    """A serving cache (2048 slots, rows of 1..2048 tokens): equal to the reference, and the
+    whole blocks past a row's length are never read (NaN there would poison the row)."""
+    from pallas_kernels.decode_attention import decode_attention
+
+    seed = seed_for("test_decode_attention_gpu_stops_at_row_length")
+    gen = rng(seed)
+    b, h, kh, s = 6, 32, 8, 2048
+    lengths = np.array([1, 63, 64, 130, 1500, 2048])
+    q = jnp.asarray(gen.normal(size=(b, h, 128)), BF16)
+    k = jnp.asarray(gen.normal(size=(b, s, kh, 128)), BF16)
+    v = jnp.asarray(gen.normal(size=(b, s, kh, 128)), BF16)
+    valid = jnp.asarray(np.arange(s)[None] < lengths[:, None])
+    want = decode_attention(q, k, v, valid, implementation="xla")
+    past = jnp.asarray(np.arange(s)[None] >= -(-lengths[:, None] // 64) * 64)[:, :, None, None]
+    got = decode_attention(q, jnp.where(past, jnp.nan, k), jnp.where(past, jnp.nan, v), valid,
+                           implementation="pallas_gpu", block_s=64)
+    assert_close(got, want, dtype=BF16, what=f"seed={seed} gpu decode attention, prefix rows")

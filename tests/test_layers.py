@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "pallas_kernels": 0,
     "deltajax.tree": 0,
+    "deltajax.rope": 0,
+    "deltajax.errors": 0,
     "deltajax.data": 0,
     "deltajax.quant": 0,
     "deltajax.jax_cache": 0,

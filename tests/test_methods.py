@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -242,7 +243,7 @@ def test_delta_checkpoint_refuses_wrong_base_and_save_is_atomic(tmp_path, monkey
         delta.attach(base, {"nope.weight": comp["norm.weight"]})
 
 
-def test_streaming_compress_checkpoint_equals_in_memory(tmp_path):
+def test_streaming_compress_checkpoint_equals_in_memory(tmp_path, monkeypatch):
     import torch
     from hf_tiny import make_tiny_hf
 
@@ -267,3 +268,225 @@ def test_streaming_compress_checkpoint_equals_in_memory(tmp_path):
         for x, y in zip(jax.tree.leaves(got[n]), jax.tree.leaves(ref[n])):
             np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
                                        atol=1e-6)
+    # an impossible budget is refused before any tensor data is read
+    from deltajax.errors import BudgetError
+    from deltajax.io import tensor_io
+
+    def no_read(*a, **k):
+        raise AssertionError("a tensor was read before the budget check")
+
+    monkeypatch.setattr(tensor_io, "read_tensor", no_read)
+    with pytest.raises(BudgetError, match="lowrank: ratio 0.001 is impossible"):
+        delta.compress(str(b), str(f), LowRank(ratio=1e-3), progress=False)
+
+
+# ------------------------------------------------------------------ non-finite deltas, budgets
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_method_refuses_a_nonfinite_delta(name, bad, seed):
+    """The one dispatch (`containers.compress_leaf`) refuses NaN/Inf for every method, naming
+    the leaf (before: RTN/GPTQ/DARE wrote finite codes, the low-rank methods all-NaN)."""
+    from deltajax.errors import NonFiniteError
+
+    m = make_method(name, **CASES[name][0])
+    d = _rng_delta(seed=seed).at[7, 11].set(bad)
+    leaf = "layers.0.mlp.down_proj.weight"
+    with pytest.raises(NonFiniteError, match=r"layers\.0\.mlp\.down_proj\.weight.*NaN/Inf") as e:
+        containers.compress_leaf(m, leaf, d, key=jax.random.PRNGKey(seed))
+    assert e.value.name == leaf, f"seed {seed}"
+    # and the same finite delta compresses
+    containers.compress_leaf(m, leaf, d.at[7, 11].set(0.0), key=jax.random.PRNGKey(seed))
+
+
+def test_nonfinite_delta_refused_on_the_sharded_path(seed):
+    from deltajax.errors import NonFiniteError
+    from deltajax.parallel import sharded
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    deltas = {"layers": [{"mlp": {"up_proj": {"weight": _rng_delta((32, 48), seed)},
+                                  "down_proj": {"weight": _rng_delta((48, 32), seed).at[0, 1]
+                                                .set(jnp.nan)}}}]}
+    with pytest.raises(NonFiniteError, match=r"layers\.0\.mlp\.down_proj\.weight"):
+        sharded.compress_tree_sharded(deltas, methods.default_rules(RTN(bits=4, group=16)),
+                                      mesh, place=False, progress=False)
+
+
+def test_impossible_budgets_refused_with_the_smallest_ratio_that_works():
+    from deltajax.errors import BudgetError
+
+    shape = (64, 96)
+    # Delta-CoMe at 1e-5 wrote a delta of 0 bytes (every error 1.0)
+    with pytest.raises(BudgetError, match=r"deltacome: ratio 1e-05 is impossible.*\(64, 96\).*"
+                       r"smallest ratio that works is") as e:
+        make_method("deltacome", ratio=1e-5).validate(shape)
+    need = e.value.min_ratio
+    ok = make_method("deltacome", ratio=need)
+    assert ok.allocation(*shape), need  # the stated ratio works ...
+    below = make_method("deltacome", ratio=need * 0.9)
+    assert not below.allocation(*shape), need  # ... and is (nearly) the smallest
+    c = containers.compress_leaf(ok, "w", _rng_delta(shape))
+    assert sum(accounting.container_bytes(c.container).values()) > 0
+    with pytest.raises(BudgetError, match="deltacome"):
+        containers.compress_leaf(make_method("deltacome", ratio=1e-5), "w", _rng_delta(shape))
+    # LowRank: negative, too small, and >= the dense delta's cost
+    for r in (-0.5, 0.0, 1.0, 4.0):
+        with pytest.raises(BudgetError, match=r"lowrank: ratio must be in \(0, 1\)"):
+            LowRank(ratio=r)
+    with pytest.raises(BudgetError, match=r"lowrank: ratio 1e-05 is impossible.*smallest ratio "
+                       r"that works is 0\.0261") as e:
+        LowRank(ratio=1e-5).validate(shape)
+    assert LowRank(ratio=e.value.min_ratio).rank_for(*shape) == 1
+    assert int(0.026 * 16 * 64 * 96 / (160 * 16)) == 0  # 0.026 would be rank 0
+    # fp32 factors cost twice the bytes: the budget rank halves, the minimum doubles
+    assert LowRank(ratio=0.5).rank_for(*shape) == 19
+    assert LowRank(ratio=0.5, dtype="float32").rank_for(*shape) == 9
+    for name in ("featlowrank",):
+        with pytest.raises(BudgetError, match=f"{name}: ratio must be in"):
+            make_method(name, ratio=2.0)
+        with pytest.raises(BudgetError, match=f"{name}: ratio 1e-05 is impossible"):
+            make_method(name, ratio=1e-5).validate(shape)
+    with pytest.raises(BudgetError, match=r"deltadq: ratio 0\.0001 is impossible.*smallest") as e:
+        make_method("deltadq", ratio=1e-4).validate(shape)
+    make_method("deltadq", ratio=e.value.min_ratio).validate(shape)
+    with pytest.raises(BudgetError, match="dare: drop rate p must be in"):
+        make_method("dare", p=1.0)
+    with pytest.raises(BudgetError, match="dsnot: sparsity must be in"):
+        make_method("dsnot", sparsity=-0.1)
+    for bad in (dict(bits=0), dict(bits=9), dict(bits=33), dict(group=0)):
+        for name in ("rtn", "gptq"):
+            with pytest.raises(ValueError, match=f"{name}: (bits|group) must be"):
+                make_method(name, **bad)
+
+
+def test_check_budgets_before_loading_names_the_worst_matrix():
+    from deltajax.errors import BudgetError
+
+    cfg = M.ModelConfig(vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    delta.check_budgets(LowRank(ratio=1 / 16), cfg)  # feasible everywhere
+    with pytest.raises(BudgetError, match=r"of the model's matrices cannot meet the budget, e\.g\. "
+                       r"layers\.0\.self_attn\.k_proj\.weight \(32, 64\).*the smallest ratio that "
+                       r"works is 0\.0469") as e:
+        delta.check_budgets(LowRank(ratio=0.02), cfg)
+    # the stated ratio works for every matrix (k/v (32, 64) need the most)
+    delta.check_budgets(LowRank(ratio=e.value.min_ratio), cfg)
+    base = M.init_params(cfg, jax.random.PRNGKey(0))
+    ft = jax.tree.map(lambda x: x * 1.01, base)
+    with pytest.raises(BudgetError, match="deltacome: ratio 1e-05"):
+        delta.compress(base, ft, make_method("deltacome", ratio=1e-5), progress=False)
+
+
+# ------------------------------------------------------------------ saved deltas verified
+
+
+def _saved_rtn(tmp_path):
+    cfg, base, ft = _tiny()
+    comp = delta.compress(base, ft, RTN(bits=4, group=32), progress=False)
+    out = tmp_path / "delta"
+    delta_checkpoint.save_delta(comp, out, cfg=cfg, base_params=base)
+    return cfg, base, comp, out
+
+
+def _edit_meta(path, edit):
+    meta = json.loads((path / "meta.json").read_text())
+    edit(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_saved_delta_flipped_bytes_are_detected_naming_the_leaf(tmp_path):
+    import shutil
+
+    cfg, base, comp, out = _saved_rtn(tmp_path)
+    loaded, meta = delta_checkpoint.load_delta(out, base_params=base, cfg=cfg)
+    assert meta["format_version"] == 2
+    rec = meta["leaves"]["layers.0.mlp.gate_proj.weight"]["checksums"]
+    assert set(rec) == {"_planes_0_", "_scale", "_zero"} and all("crc32" in r for r in rec.values())
+    # the array data (OCDBT); arrays/d/ holds orbax's metadata, not needed with our own targets
+    data = [p for p in (out / "arrays").rglob("*") if p.is_file() and p.parent.name == "d"
+            and p.parent.parent.name.startswith("ocdbt")]
+    assert data, sorted(str(p) for p in (out / "arrays").rglob("*"))
+    detected = 0
+    for frac in (0.25, 0.5, 0.75):  # 64 bytes flipped inside each data file in turn
+        for f in data:
+            bad = tmp_path / f"bad{frac}-{f.name}"
+            shutil.copytree(out, bad)
+            g = bad / f.relative_to(out)
+            b = bytearray(g.read_bytes())
+            i = int(len(b) * frac)
+            b[i:i + 64] = bytes(x ^ 0xA5 for x in b[i:i + 64])
+            g.write_bytes(bytes(b))
+            # never silently wrong: the checksum or the decompression fails, naming the leaf,
+            # or the flip hit bytes no array is read from and the arrays are exactly the saved
+            try:
+                got, _ = delta_checkpoint.load_delta(bad)
+            except delta_checkpoint.CheckpointError as e:
+                assert re.search(r"leaf '[a-z_.0-9]+'", str(e)), str(e)
+                detected += 1
+            else:
+                for n, leaf in comp.items():
+                    for x, y in zip(jax.tree.leaves(leaf.container),
+                                    jax.tree.leaves(got[n].container)):
+                        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                                      err_msg=f"{n} silently wrong ({g})")
+            shutil.rmtree(bad)
+    assert detected >= 3, detected
+
+
+@pytest.mark.parametrize("field,value", [("bits", 3), ("bits", 8), ("group", 64),
+                                         ("sym", True), ("bits", 0), ("name", "lowrank")])
+def test_edited_leaf_method_in_meta_json_fails_at_load(tmp_path, field, value):
+    cfg, base, comp, out = _saved_rtn(tmp_path)
+    leaf = "layers.1.self_attn.q_proj.weight"
+
+    def edit(meta):
+        meta["leaves"][leaf]["method"][field] = value
+
+    _edit_meta(out, edit)
+    with pytest.raises(delta_checkpoint.CheckpointError,
+                       match=rf"leaf '{re.escape(leaf)}'") as e:
+        delta_checkpoint.load_delta(out)
+    assert all(leaf in p for p in e.value.problems), e.value.problems  # only the edited leaf
+
+
+def test_unknown_format_version_refused(tmp_path):
+    cfg, base, comp, out = _saved_rtn(tmp_path)
+    for v in (3, 0, "2", None):
+        _edit_meta(out, lambda m, v=v: m.update(format_version=v))
+        with pytest.raises(delta_checkpoint.CheckpointError, match="format_version"):
+            delta_checkpoint.load_delta(out)
+
+
+def test_fingerprint_covers_every_entry_of_the_base(tmp_path):
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((128, 160)), jnp.float32)
+    a = {"w": w}
+    # entry 1 of a 20480-entry matrix: not one of the 1-in-4096 strided samples of format 1
+    b = {"w": w.at[0, 1].add(1e-3)}
+    assert delta_checkpoint.fingerprint(a, version=1) == delta_checkpoint.fingerprint(b, version=1)
+    assert delta_checkpoint.fingerprint(a) != delta_checkpoint.fingerprint(b)
+    assert delta_checkpoint.fingerprint(a) == delta_checkpoint.fingerprint({"w": w + 0})
+    cfg, base, comp, out = _saved_rtn(tmp_path)
+    changed = jax.tree.map(lambda x: x, base)
+    q = changed["layers"][1]["mlp"]["up_proj"]["weight"]
+    changed["layers"][1]["mlp"]["up_proj"]["weight"] = q.at[5, 7].add(1e-4)
+    with pytest.raises(delta_checkpoint.WrongBaseError, match="different base"):
+        delta_checkpoint.load_delta(out, base_params=changed)
+    delta_checkpoint.load_delta(out, base_params=base)
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    cfg, base, comp, out = _saved_rtn(tmp_path)
+
+    def to_v1(meta):
+        meta["format_version"] = 1
+        meta.pop("fingerprint_version")
+        meta["base_fingerprint"] = delta_checkpoint.fingerprint(base, version=1)
+        for info in meta["leaves"].values():
+            info.pop("checksums")
+
+    _edit_meta(out, to_v1)
+    loaded, _ = delta_checkpoint.load_delta(out, base_params=base, cfg=cfg)
+    for n, leaf in comp.items():
+        for x, y in zip(jax.tree.leaves(leaf.container), jax.tree.leaves(loaded[n].container)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=n)

@@ -197,3 +197,24 @@ def test_bin_roundtrip_and_corrupt(tmp_path, rng):
     problems = []
     assert tensor_io.scan_bin(bad, problems, set()) is None
     assert len(problems) == 1 and problems[0].startswith("broken.bin: cannot load with torch")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float8_e5m2",
+                                   "float8_e4m3fn", "float64"])
+def test_count_nonfinite_every_float_format(dtype, seed):
+    from deltajax.errors import NonFiniteError, check_finite_host, count_nonfinite
+
+    dt = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(1000).astype(np.float32)
+    bad = rng.choice(1000, 7, replace=False)
+    x[bad[:4]] = np.nan
+    x[bad[4:]] = [np.inf, -np.inf, np.inf]
+    y = x.astype(dt)
+    want = int((~np.isfinite(y.astype(np.float32))).sum())
+    assert want == 7 and count_nonfinite(y) == want, f"seed {seed}"
+    assert count_nonfinite(np.where(np.isfinite(x), x, 0.0).astype(dt)) == 0
+    assert count_nonfinite(np.arange(5)) == 0
+    with pytest.raises(NonFiniteError, match="'w' holds 7 NaN/Inf entries of 1000") as e:
+        check_finite_host(y, "w")
+    assert e.value.name == "w" and e.value.count == 7

@@ -38,7 +38,8 @@ from deltajax import model as M
 from deltajax import tree as T
 from deltajax.eval.metrics import (
     GAIN_METRICS,
-    gain_kept,
+    gain_kept,  # noqa: F401  (re-exported: harness is the eval API)
+    metric_gain_kept,
     nll_kl,
     perplexity,
     reference_logprobs,
@@ -313,9 +314,11 @@ class Evaluator:
         return out
 
     def gains(self, m: Mapping) -> dict:
-        """`gain_kept` of each metric against the base and the fine-tune (KL: 1 − KL/KL_base)."""
+        """`gain_kept` of each metric against the base and the fine-tune (KL: 1 − KL/KL_base);
+        NaN where the fine-tune moves the metric less than `metrics.GAIN_MIN_CHANGE`."""
         b, f = self.base_metrics, self.ft_metrics
-        return {k: gain_kept(m[k], b[k], f[k]) for k in GAIN_METRICS if k in m and k in b}
+        return {k: metric_gain_kept(k, m[k], b[k], f[k]) for k in GAIN_METRICS
+                if k in m and k in b}
 
     def evaluate_compressed(self, label: str, compressed: Mapping, deltas=None, *,
                             accounting: Mapping | None = None, extra: Mapping | None = None,
@@ -447,7 +450,9 @@ def markdown_table(report: Mapping) -> str:
 
     The accuracy gain kept is shown only when the fine-tune's accuracy gain over the base is
     significant (> 2 combined standard errors), else "n.s.": a ratio of two noise-level
-    differences means nothing.
+    differences means nothing. Any gain kept is "n/a" where the fine-tune moves the metric less
+    than `metrics.GAIN_MIN_CHANGE` (1 % of the base's perplexity, 1 accuracy point); the gains
+    are computed here from the metrics, so older reports are shown the same way.
     """
     has_acc = "gsm8k_acc" in report["base"]
     head = ["method", "target", "linear ratio", "whole ratio", "bits/param", "rel. error",
@@ -459,23 +464,30 @@ def markdown_table(report: Mapping) -> str:
 
     acc_sig = has_acc and accuracy_gain_significant(report["base"], report["finetune"])
 
-    def metric_cells(m, gains):
+    def gain(m, k):
+        b, f = report["base"], report["finetune"]
+        if not all(k in x and x[k] is not None for x in (m, b, f)):
+            return "n/a"
+        g = metric_gain_kept(k, m[k], b[k], f[k])
+        return "n/a" if not math.isfinite(g) else _fmt(g, ".0f" if k == "gsm8k_acc" else ".1f",
+                                                          pct=True)
+
+    def metric_cells(m):
         c = [_fmt(m["wikitext2_ppl"]), _fmt(m["domain_ppl"]), _fmt(m["kl"], ".3g")]
         if has_acc:
             c += [f"{100 * m['gsm8k_acc']:.1f}% ± {100 * m['gsm8k_stderr']:.1f}",
-                  _fmt(gains.get("gsm8k_acc"), ".0f", pct=True) if acc_sig else "n.s."]
-        c += [_fmt(gains.get("domain_ppl"), ".1f", pct=True)]
+                  gain(m, "gsm8k_acc") if acc_sig else "n.s."]
+        c += [gain(m, "domain_ppl")]
         return c
 
-    for name, m, g in (("base", report["base"], {"gsm8k_acc": 0.0, "domain_ppl": 0.0}),
-                       ("fine-tune", report["finetune"], {"gsm8k_acc": 1.0, "domain_ppl": 1.0})):
+    for name, m in (("base", report["base"]), ("fine-tune", report["finetune"])):
         lines.append("| " + " | ".join([f"**{name}**", "–", "–", "–", "–", "–"]
-                                        + metric_cells(m, g)) + " |")
+                                        + metric_cells(m)) + " |")
     for r in report["rows"]:
         cells = [r["label"], str(r.get("target") or "–"), f"{r['linear_ratio']:.1f}x",
                  f"{r['whole_ratio']:.2f}x", f"{r['bits_per_param']:.3f}",
                  _fmt(r["rel_error"])]
-        lines.append("| " + " | ".join(cells + metric_cells(r["metrics"], r["gain_kept"]))
+        lines.append("| " + " | ".join(cells + metric_cells(r["metrics"]))
                      + " |")
     return "\n".join(lines)
 

@@ -188,15 +188,32 @@ def nll_kl(
 # ------------------------------------------------------------------------------------ harness
 
 
-def gain_kept(m_compressed: float, m_base: float, m_ft: float) -> float:
+def gain_kept(m_compressed: float, m_base: float, m_ft: float, *, min_change: float = 0.0,
+              relative: bool = False) -> float:
     """(m_compressed − m_base) / (m_ft − m_base): 1 = the whole fine-tuning gain kept, 0 = none.
 
-    NaN when the fine-tune does not change the metric (m_ft == m_base).
+    NaN (shown "n/a") when the fine-tune moves the metric by less than `min_change` (relative
+    to |m_base| with `relative`), or not at all: a ratio over a near-zero difference is noise
+    (a fine-tune changing a perplexity by 0.01 % would report gains of 10000 %).
     """
     den = m_ft - m_base
     if not math.isfinite(den) or den == 0:
+        return float("nan")
+    if abs(den) < min_change * (abs(m_base) if relative else 1.0):
         return float("nan")
     return (m_compressed - m_base) / den
 
 
 GAIN_METRICS = ("gsm8k_acc", "domain_ppl", "wikitext2_ppl", "kl")
+# The smallest move of a metric by the fine-tune for which a gain kept is reported: perplexities
+# relative to the base's value (1 %), accuracy absolute (1 point; the report also requires a
+# significant gain, `harness.accuracy_gain_significant`), KL none (the fine-tune's KL to itself
+# is 0, so the move is the base's KL).
+GAIN_MIN_CHANGE = {"gsm8k_acc": (0.01, False), "domain_ppl": (0.01, True),
+                   "wikitext2_ppl": (0.01, True), "kl": (0.0, False)}
+
+
+def metric_gain_kept(metric: str, m_compressed: float, m_base: float, m_ft: float) -> float:
+    """`gain_kept` of one of `GAIN_METRICS` with its `GAIN_MIN_CHANGE` threshold."""
+    min_change, relative = GAIN_MIN_CHANGE.get(metric, (0.0, False))
+    return gain_kept(m_compressed, m_base, m_ft, min_change=min_change, relative=relative)

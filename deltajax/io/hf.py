@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deltajax import model as model_lib
+from deltajax.errors import check_finite_host
 from deltajax.io import params_ckpt as ckpt_lib
 from deltajax.io import tensor_io
 from deltajax.io.hf_config import ARCHITECTURES, config_to_hf, load_config, read_hf_config
@@ -242,6 +243,8 @@ def load_params(
 
     Raises:
       CheckpointError: the files do not match `cfg` or are unreadable (every problem listed).
+      errors.NonFiniteError: a tensor holds NaN/Inf as stored, or after the cast to `dtype`
+        (a value beyond its range); the message names the tensor and file.
       ValueError: the config is not supported (see `load_config`).
       ImportError: a ``.bin`` checkpoint and no PyTorch.
     """
@@ -275,9 +278,9 @@ def load_params(
                 loaded[name] = _place_sliced(ref, sh, out_dtype)
                 bar.update(1)
                 continue
-            arr = tensor_io.read_tensor(ref)
+            arr = tensor_io.read_tensor(ref)  # refuses NaN/Inf, naming the tensor
             if out_dtype is not None and arr.dtype != out_dtype:
-                arr = arr.astype(out_dtype)
+                arr = _cast_checked(arr, out_dtype, ref)
             if name == "embed_tokens.weight" and tied_head is not None:
                 _check_tied_head(hf_dir, tied_head, arr)
             loaded[name] = _place(arr, ckpt_lib.resolve_sharding(sharding, name, arr.shape))
@@ -311,9 +314,19 @@ def _place_sliced(ref: TensorRef, sharding: jax.sharding.Sharding, dtype) -> jax
 
     def read(idx):
         part = np.array(mm[idx])  # copies only this slice
-        return part if dtype is None or part.dtype == dtype else part.astype(dtype)
+        check_finite_host(part, ref.key, source=ref.file.name)
+        return part if dtype is None or part.dtype == dtype else _cast_checked(part, dtype, ref)
 
     return jax.make_array_from_callback(tuple(ref.shape), sharding, read)
+
+
+def _cast_checked(arr: np.ndarray, dtype, ref: TensorRef) -> np.ndarray:
+    """`arr` cast to `dtype`; `NonFiniteError` naming the tensor if the cast overflows."""
+    with np.errstate(over="ignore"):  # reported below, as an error naming the tensor
+        out = arr.astype(dtype)
+    check_finite_host(out, ref.key, where=f"after casting {arr.dtype} -> {np.dtype(dtype)}",
+                      source=ref.file.name)
+    return out
 
 
 def _place(arr: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:

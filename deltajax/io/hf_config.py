@@ -18,6 +18,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from deltajax import model as model_lib
+from deltajax import rope as rope_lib
 from deltajax.io import params_ckpt as ckpt_lib
 from deltajax.model import ModelConfig
 
@@ -27,13 +29,47 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+
+# transformers 5's defaults for attributes a config.json may omit (they change the math).
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
+                  max_position_embeddings=2048, rope_theta=10000.0),
+    "mistral": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
+                    max_position_embeddings=131072, rope_theta=10000.0, sliding_window=4096),
+    "qwen2": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
+                  max_position_embeddings=32768, rope_theta=10000.0, sliding_window=4096,
+                  use_sliding_window=False, max_window_layers=28),
+    "qwen3": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
+                  max_position_embeddings=32768, rope_theta=10000.0, sliding_window=4096,
+                  use_sliding_window=False, max_window_layers=28, head_dim=128),
+    "gemma": dict(rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh",
+                  max_position_embeddings=8192, rope_theta=10000.0, head_dim=256),
+    "gemma2": dict(rms_norm_eps=1e-6, tie_word_embeddings=True,
+                   hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+                   rope_theta=10000.0, head_dim=256, sliding_window=4096,
+                   query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "gemma3_text": dict(rms_norm_eps=1e-6, tie_word_embeddings=True,
+                        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+                        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, head_dim=256,
+                        sliding_window=4096, query_pre_attn_scalar=256,
+                        attn_logit_softcapping=None, final_logit_softcapping=None,
+                        sliding_window_pattern=6),
+    "olmo2": dict(rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
+                  max_position_embeddings=2048, rope_theta=10000.0),
+    "phi3": dict(rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
+                 max_position_embeddings=4096, rope_theta=10000.0, sliding_window=None),
 }
 
 # Attributes of other architectures that change the math; refused unless neutral.
 _FOREIGN_MATH_ATTRS = (
-    "attn_logit_softcapping",
-    "final_logit_softcapping",
-    "query_pre_attn_scalar",
     "logit_scale",
     "logits_scaling",
     "embedding_multiplier",
@@ -43,21 +79,70 @@ _FOREIGN_MATH_ATTRS = (
     "use_qk_norm",
     "qk_layernorm",
     "quantization_config",
+    "use_bidirectional_attention",
+    "num_local_experts",
+    "num_experts",
+    "moe_intermediate_size",
+    "mlp_only_layers",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "query_pre_attn_scalar",
+    "rope_local_base_freq",
+    "sliding_window_pattern",
+    "use_sliding_window",
 )
+# What each family reads itself (so it is not checked as foreign).
+_OWN_ATTRS = {
+    "qwen2": {"use_sliding_window"},
+    "qwen3": {"use_sliding_window"},
+    "gemma2": {"attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"},
+    "gemma3_text": {
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "query_pre_attn_scalar",
+        "rope_local_base_freq",
+        "sliding_window_pattern",
+    },
+}
 _NEUTRAL = (None, False, 1, 1.0, {}, [])
 
-_ROPE_KEYS = {
-    "default": frozenset(),
-    "linear": frozenset({"factor"}),
-    "llama3": frozenset(
-        {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-    ),
-}
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
+_ATTENTION_BIAS_ALL = ("gemma", "gemma2", "gemma3_text", "qwen3", "olmo2")  # q/k/v/o together
 
 
 def _unsupported(attr: str, value: Any, why: str = "") -> ValueError:
     why = f" ({why})" if why else ""
     return ValueError(f"unsupported Hugging Face config: {attr}={value!r}{why}")
+
+
+def _get(hf: Mapping, mt: str, key: str) -> Any:
+    return hf[key] if key in hf else _DEFAULTS[mt].get(key)
+
+
+def _int(value: Any, attr: str, *, positive: bool = True) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ValueError(f"{attr}: expected an int, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{attr}: expected a positive int, got {value!r}")
+    return value
+
+
+def _float(value: Any, attr: str, *, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{attr}: expected a number, got {value!r}")
+    value = float(value)
+    if positive and not value > 0:
+        raise ValueError(f"{attr}: expected a positive number, got {value!r}")
+    return value
+
+
+def _bool(value: Any, attr: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{attr}: expected true or false, got {value!r}")
+    return value
 
 
 def read_hf_config(src: Any) -> dict:
@@ -84,42 +169,188 @@ def read_hf_config(src: Any) -> dict:
     return d
 
 
-def _parse_rope(hf: dict) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
-    """(rope_theta, rope_scaling items) from either transformers 4 or 5 style configs."""
-    params = hf.get("rope_parameters")
-    attr = "rope_parameters"
-    if params is not None and isinstance(params, Mapping) and params:
-        if all(isinstance(v, Mapping) for v in params.values()):  # one entry per layer type
-            distinct = {json.dumps(v, sort_keys=True) for v in params.values()}
-            if len(distinct) != 1:
-                raise _unsupported("rope_parameters", params, "different RoPE per layer type")
-            params = next(iter(params.values()))
-        rope = dict(params)
-    else:
-        attr = "rope_scaling"
-        rope = dict(hf.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", None)
-    if theta is None:
-        theta = hf.get("rope_theta", 10000.0)
-    kind, legacy_kind = rope.pop("rope_type", None), rope.pop("type", None)
-    if kind is not None and legacy_kind is not None and kind != legacy_kind:
-        raise _unsupported(f"{attr}.type", legacy_kind, f"conflicts with rope_type={kind!r}")
-    kind = kind or legacy_kind or "default"
-    prf = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor"))
+def _standardize_rope(d: Mapping, attr: str, hf: Mapping, mt: str, theta_key: str) -> dict:
+    """One rope dict resolved as transformers' `standardize_rope_params` does it."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{attr}: expected an object, got {d!r}")
+    d = dict(d)
+    kind, legacy = d.pop("rope_type", None), d.pop("type", None)
+    if kind is not None and legacy is not None and kind != legacy:
+        raise _unsupported(f"{attr}.type", legacy, f"conflicts with {attr}.rope_type={kind!r}")
+    d["rope_type"] = kind or legacy or "default"
+    top_theta = hf.get(theta_key)
+    if top_theta is None:
+        top_theta = _DEFAULTS[mt][theta_key]
+    if "rope_theta" in d and theta_key in hf and hf[theta_key] is not None:
+        if float(d["rope_theta"]) != float(hf[theta_key]):
+            raise _unsupported(
+                f"{attr}.rope_theta", d["rope_theta"],
+                f"disagrees with {theta_key}={hf[theta_key]!r}; remove one",
+            )
+    d.setdefault("rope_theta", top_theta)
+    if "partial_rotary_factor" in hf and hf["partial_rotary_factor"] is not None:
+        d.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
+    if d["rope_type"] in ("llama3", "yarn", "longrope"):
+        top = hf.get("original_max_position_embeddings")
+        if top is not None:  # transformers gives the top-level value priority (Phi-3)
+            if "original_max_position_embeddings" in d and (
+                d["original_max_position_embeddings"] != top
+            ):
+                raise _unsupported(
+                    f"{attr}.original_max_position_embeddings",
+                    d["original_max_position_embeddings"],
+                    f"disagrees with original_max_position_embeddings={top!r}; remove one",
+                )
+            d["original_max_position_embeddings"] = top
+        else:
+            mp = _get(hf, mt, "max_position_embeddings")
+            d.setdefault("original_max_position_embeddings", mp)
+    return d
+
+
+def _rope_items(d: dict, attr: str, head_dim: int) -> tuple[float, tuple | None]:
+    """(theta, sorted scaling items or None) of a standardized rope dict, refusing what we lack."""
+    d = dict(d)
+    kind = d.pop("rope_type")
+    theta = _float(d.pop("rope_theta"), f"{attr}.rope_theta")
+    prf = d.pop("partial_rotary_factor", None)
     if prf is not None and float(prf) != 1.0:
         raise _unsupported("partial_rotary_factor", prf, "only full rotary embeddings")
-    if kind not in _ROPE_KEYS:
-        raise _unsupported(f"{attr}.rope_type", kind, f"supported: {sorted(_ROPE_KEYS)}")
-    extra = sorted(set(rope) - _ROPE_KEYS[kind])
+    if kind not in rope_lib.ROPE_KEYS:
+        raise _unsupported(
+            f"{attr}.rope_type", kind, f"supported: {sorted(rope_lib.ROPE_KEYS)}"
+        )
+    required, optional = rope_lib.ROPE_KEYS[kind]
+    extra = sorted(set(d) - required - optional)
     if extra:
-        raise _unsupported(f"{attr}", dict(rope, rope_type=kind), f"unknown keys {extra}")
-    missing = sorted(_ROPE_KEYS[kind] - set(rope))
+        raise _unsupported(f"{attr}", dict(d, rope_type=kind), f"unknown keys {extra}")
+    missing = sorted(k for k in required if d.get(k) is None)
     if missing:
-        raise _unsupported(f"{attr}", dict(rope, rope_type=kind), f"missing keys {missing}")
+        raise _unsupported(f"{attr}", dict(d, rope_type=kind), f"missing keys {missing}")
+    for k, v in d.items():
+        if k in ("short_factor", "long_factor"):
+            if not isinstance(v, (list, tuple)) or len(v) != head_dim // 2:
+                raise ValueError(
+                    f"{attr}.{k}: expected a list of head_dim/2={head_dim // 2} numbers, got {v!r}"
+                )
+            for x in v:
+                _float(x, f"{attr}.{k}")
+        elif k == "truncate":
+            _bool(v, f"{attr}.{k}")
+        elif k == "original_max_position_embeddings":
+            _int(v, f"{attr}.{k}")
+        elif v is not None:
+            _float(v, f"{attr}.{k}", positive=k not in ("beta_fast", "beta_slow"))
     if kind == "default":
-        return float(theta), None
-    items = {"rope_type": kind, **{k: ckpt_lib._hashable(v) for k, v in rope.items()}}
-    return float(theta), tuple(sorted(items.items()))
+        return theta, None
+    items = {"rope_type": kind, **{k: ckpt_lib._hashable(v) for k, v in d.items()}}
+    return theta, tuple(sorted(items.items()))
+
+
+def _resolve_ropes(hf: Mapping, mt: str, head_dim: int) -> dict[str, tuple[float, tuple | None]]:
+    """{"full_attention": (theta, scaling), "sliding_attention": ...} as transformers 5 resolves
+    ``rope_parameters`` (5.x layout) and legacy ``rope_theta`` / ``rope_scaling``: where both
+    layouts are present and disagree, the config is refused naming the attribute (transformers
+    would silently let ``rope_scaling`` win)."""
+    rp, rs = hf.get("rope_parameters"), hf.get("rope_scaling")
+    if rp is not None and not isinstance(rp, Mapping):
+        raise ValueError(f"rope_parameters: expected an object, got {rp!r}")
+    if rs is not None and not isinstance(rs, Mapping):
+        raise ValueError(f"rope_scaling: expected an object, got {rs!r}")
+    nested = bool(rp) and all(isinstance(v, Mapping) for v in rp.values()) and set(rp) <= {
+        "full_attention", "sliding_attention"}
+    if mt == "gemma3_text":
+        if rp and not nested:
+            raise _unsupported("rope_parameters", rp, "gemma3_text expects one entry per layer "
+                               "type (full_attention, sliding_attention)")
+        rp = dict(rp or {})
+        full = dict(rp.get("full_attention") or {"rope_type": "default"})
+        if rs:
+            if "full_attention" in rp:
+                a = _standardize_rope(full, "rope_parameters.full_attention", hf, mt, "rope_theta")
+                b = _standardize_rope({**full, **rs}, "rope_scaling", hf, mt, "rope_theta")
+                if a != b:
+                    raise _unsupported("rope_scaling", rs, "disagrees with rope_parameters."
+                                       f"full_attention={rp['full_attention']!r}; remove one")
+            full.update(rs)
+        full = _standardize_rope(full, "rope_parameters.full_attention", hf, mt, "rope_theta")
+        local = dict(rp.get("sliding_attention") or {"rope_type": "default"})
+        local = _standardize_rope(
+            local, "rope_parameters.sliding_attention", hf, mt, "rope_local_base_freq"
+        )
+        return {
+            "full_attention": _rope_items(full, "rope_parameters.full_attention", head_dim),
+            "sliding_attention": _rope_items(local, "rope_parameters.sliding_attention", head_dim),
+        }
+    if nested:
+        raise _unsupported("rope_parameters", rp, f"{mt} has one RoPE for every layer")
+    if rs and rp:
+        a = _standardize_rope(rp, "rope_parameters", hf, mt, "rope_theta")
+        b = _standardize_rope(rs, "rope_scaling", hf, mt, "rope_theta")
+        if a != b:
+            raise _unsupported(
+                "rope_scaling", rs, f"disagrees with rope_parameters={rp!r}; transformers would "
+                "apply rope_scaling; remove the one that is wrong"
+            )
+    chosen, attr = (rs, "rope_scaling") if rs else (rp or {}, "rope_parameters")
+    one = _rope_items(_standardize_rope(chosen, attr, hf, mt, "rope_theta"), attr, head_dim)
+    return {"full_attention": one, "sliding_attention": one}
+
+
+def _layer_types(hf: Mapping, mt: str, n_layers: int) -> tuple[tuple[str, ...] | None, int | None]:
+    """(layer_types or None when uniform full/sliding, sliding_window) as transformers sets them."""
+    lt = hf.get("layer_types")
+    if lt is not None:
+        if not isinstance(lt, (list, tuple)) or len(lt) != n_layers or any(
+            t not in model_lib.LAYER_KINDS for t in lt
+        ):
+            raise _unsupported(
+                "layer_types", lt, f"expected {n_layers} entries from {model_lib.LAYER_KINDS}"
+            )
+        lt = tuple(lt)
+    window = _get(hf, mt, "sliding_window")
+    if mt in ("qwen2", "qwen3"):
+        use = _bool(_get(hf, mt, "use_sliding_window"), "use_sliding_window")
+        window = window if use else None
+        if lt is None:
+            mwl = _int(_get(hf, mt, "max_window_layers"), "max_window_layers", positive=False)
+            lt = tuple(
+                "sliding_attention" if window is not None and i >= mwl else "full_attention"
+                for i in range(n_layers)
+            )
+    elif mt == "gemma2":
+        if lt is None:
+            lt = tuple(
+                "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)
+            )
+    elif mt == "gemma3_text":
+        if lt is None:
+            pat = _int(_get(hf, mt, "sliding_window_pattern"), "sliding_window_pattern")
+            lt = tuple(
+                "sliding_attention" if (i + 1) % pat else "full_attention" for i in range(n_layers)
+            )
+    elif mt in ("mistral", "phi3"):
+        # every layer uses the window (when set)
+        if lt is not None and any(t != "full_attention" for t in lt):
+            raise _unsupported("layer_types", list(lt), f"{mt} has no per-layer attention kinds")
+        lt = None
+    else:
+        if lt is not None and any(t != "full_attention" for t in lt):
+            raise _unsupported("layer_types", list(lt), f"{mt} has only full_attention layers")
+        return None, None
+    if window is not None:
+        window = _int(window, "sliding_window")
+    if lt is not None:
+        if "sliding_attention" in lt and window is None:
+            raise _unsupported(
+                "layer_types", list(lt), "sliding_attention layers need a sliding_window"
+                + (" and use_sliding_window=true" if mt in ("qwen2", "qwen3") else "")
+            )
+        if "sliding_attention" not in lt:
+            return None, None
+        if all(t == "sliding_attention" for t in lt) and mt not in ("gemma2", "gemma3_text"):
+            return None, window
+    return lt, window
 
 
 # attributes read as numbers: (type, smallest value); a wrong type is named, not a TypeError
@@ -155,13 +386,14 @@ def load_config(src: str | os.PathLike | Mapping | Any) -> ModelConfig:
 
     Returns:
       The config. RoPE scaling is kept as sorted ``(key, value)`` items with a ``"rope_type"`` key.
+      Attributes a config omits take transformers 5's default for the family.
 
     Raises:
       FileNotFoundError: no config file.
-      ValueError: a missing required attribute, or one (named, with its value) whose math is not
-        implemented: unknown ``model_type``/architecture, ``hidden_act`` other than silu, RoPE
-        types other than default/linear/llama3, ``partial_rotary_factor`` != 1, Qwen2 sliding
-        windows, per-layer attention types, quantized weights, heads that do not divide, ...
+      ValueError: a missing or mistyped attribute (named), or one (named, with its value) whose
+        math is not implemented: unknown ``model_type``/architecture, another activation,
+        ``partial_rotary_factor`` != 1, RoPE layouts that disagree, quantized weights,
+        bidirectional attention, heads that do not divide, ...
     """
     hf = read_hf_config(src)
     _check_numeric(hf)
@@ -169,43 +401,49 @@ def load_config(src: str | os.PathLike | Mapping | Any) -> ModelConfig:
     if mt not in ARCHITECTURES:
         raise _unsupported("model_type", mt, f"supported: {sorted(ARCHITECTURES)}")
     archs = hf.get("architectures") or []
-    bad_archs = [a for a in archs if a not in ARCHITECTURES.values()]
+    bad_archs = [a for a in archs if a != ARCHITECTURES[mt]]
     if bad_archs:
-        raise _unsupported("architectures", archs, "only *ForCausalLM of llama/mistral/qwen2")
-    missing = [
-        k
-        for k in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        )
-        if hf.get(k) is None
-    ]
+        raise _unsupported("architectures", archs, f"{mt} converts from {ARCHITECTURES[mt]}")
+    required = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads",
+    )
+    missing = [k for k in required if hf.get(k) is None]
     if missing:
         raise ValueError(f"Hugging Face config lacks required attributes {missing}")
+    own = _OWN_ATTRS.get(mt, set())
     for k in _FOREIGN_MATH_ATTRS:
-        if k in hf and not any(hf[k] is n or hf[k] == n for n in _NEUTRAL):
-            raise _unsupported(k, hf[k])
-    act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
-    if act not in ("silu", "swish"):
-        raise _unsupported("hidden_act", act, "only silu")
-    layer_types = hf.get("layer_types")
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        raise _unsupported("layer_types", layer_types, "only full_attention layers")
+        if k in own or k not in hf:
+            continue
+        if not any(hf[k] is n or (type(hf[k]) is type(n) and hf[k] == n) for n in _NEUTRAL):
+            raise _unsupported(k, hf[k], f"not part of {mt}")
+    act_key = "hidden_activation" if mt in ("gemma2", "gemma3_text") else "hidden_act"
+    act = _get(hf, mt, act_key)
+    if mt in ("gemma2", "gemma3_text") and hf.get("hidden_activation") is None:
+        act = hf.get("hidden_act") or _DEFAULTS[mt]["hidden_activation"]
+    if mt == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"  # transformers maps Gemma's legacy "gelu" to the tanh form
+    if act == "swish":
+        act = "silu"
+    if act not in model_lib.ACTIVATIONS:
+        raise _unsupported(act_key, act, f"supported: {list(model_lib.ACTIVATIONS)}")
 
-    heads = int(hf["num_attention_heads"])
+    vocab = _int(hf["vocab_size"], "vocab_size")
+    hidden = _int(hf["hidden_size"], "hidden_size")
+    inter = _int(hf["intermediate_size"], "intermediate_size")
+    n_layers = _int(hf["num_hidden_layers"], "num_hidden_layers")
+    heads = _int(hf["num_attention_heads"], "num_attention_heads")
     kv_heads = hf.get("num_key_value_heads")
-    kv_heads = heads if kv_heads is None else int(kv_heads)
-    if kv_heads <= 0 or heads % kv_heads:
+    kv_heads = heads if kv_heads is None else _int(kv_heads, "num_key_value_heads")
+    if heads % kv_heads:
         raise _unsupported(
             "num_key_value_heads",
             kv_heads,
             f"num_attention_heads={heads} must be a positive multiple of it",
         )
-    hidden = int(hf["hidden_size"])
     head_dim = hf.get("head_dim")
+    if head_dim is None:
+        head_dim = _DEFAULTS[mt].get("head_dim")
     if head_dim is None:
         if hidden % heads:
             raise _unsupported(
@@ -214,59 +452,76 @@ def load_config(src: str | os.PathLike | Mapping | Any) -> ModelConfig:
                 f"not divisible by num_attention_heads={heads} and no head_dim given",
             )
         head_dim = hidden // heads
-    head_dim = int(head_dim)
+    head_dim = _int(head_dim, "head_dim")
     if head_dim % 2:
         raise _unsupported("head_dim", head_dim, "RoPE needs an even head_dim")
-    theta, rope_scaling = _parse_rope(hf)
+    max_pos = _int(_get(hf, mt, "max_position_embeddings"), "max_position_embeddings")
+    ropes = _resolve_ropes(hf, mt, head_dim)
+    theta, rope_scaling = ropes["full_attention"]
+    layer_types, window = _layer_types(hf, mt, n_layers)
 
     attention_bias = o_proj_bias = mlp_bias = False
-    sliding_window = None
     if mt == "llama":
-        attention_bias = o_proj_bias = bool(hf.get("attention_bias", False))
-        mlp_bias = bool(hf.get("mlp_bias", False))
-    elif mt == "mistral":
-        sliding_window = hf.get("sliding_window")
-        if sliding_window is not None:
-            sliding_window = int(sliding_window)
-            if sliding_window <= 0:
-                raise _unsupported("sliding_window", sliding_window, "must be positive")
+        attention_bias = o_proj_bias = _bool(hf.get("attention_bias", False), "attention_bias")
+        mlp_bias = _bool(hf.get("mlp_bias", False), "mlp_bias")
     elif mt == "qwen2":
         attention_bias = True  # q/k/v always have biases in Qwen2; o_proj and the MLP never do
-        if hf.get("use_sliding_window", False):
-            raise _unsupported(
-                "use_sliding_window",
-                hf["use_sliding_window"],
-                "Qwen2 sliding-window layers are not implemented",
-            )
+    elif mt in _ATTENTION_BIAS_ALL:
+        attention_bias = o_proj_bias = _bool(hf.get("attention_bias", False), "attention_bias")
+    for k in ("attention_bias", "mlp_bias"):
+        if mt in ("mistral", "phi3", "qwen2") and hf.get(k):
+            raise _unsupported(k, hf[k], f"{mt} has no such biases")
+    if mt != "llama" and hf.get("mlp_bias"):
+        raise _unsupported("mlp_bias", hf["mlp_bias"], f"{mt} has no MLP biases")
 
-    kwargs = dict(
-        vocab_size=int(hf["vocab_size"]),
+    kwargs: dict[str, Any] = dict(
+        vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(hf["intermediate_size"]),
-        num_hidden_layers=int(hf["num_hidden_layers"]),
+        intermediate_size=inter,
+        num_hidden_layers=n_layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_float(_get(hf, mt, "rms_norm_eps"), "rms_norm_eps"),
         rope_theta=theta,
         rope_scaling=rope_scaling,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=_bool(_get(hf, mt, "tie_word_embeddings"), "tie_word_embeddings"),
         attention_bias=attention_bias,
         o_proj_bias=o_proj_bias,
         mlp_bias=mlp_bias,
-        sliding_window=sliding_window,
+        sliding_window=window,
+        layer_types=layer_types,
         model_type=mt,
+        hidden_act=act,
     )
-    if hf.get("max_position_embeddings") is not None:
-        kwargs["max_position_embeddings"] = int(hf["max_position_embeddings"])
+    if ropes["sliding_attention"] != ropes["full_attention"]:
+        kwargs["sliding_rope_theta"], kwargs["sliding_rope_scaling"] = ropes["sliding_attention"]
+    if mt in _GEMMA:
+        kwargs.update(norm_offset=True, embed_scale=True)
+    if mt in ("gemma2", "gemma3_text"):
+        kwargs["norm_layout"] = "sandwich"
+        qpas = _get(hf, mt, "query_pre_attn_scalar")
+        _float(qpas, "query_pre_attn_scalar")
+        kwargs["query_pre_attn_scalar"] = qpas  # as given: transformers 5 wants an int here
+        for k in ("attn_logit_softcapping", "final_logit_softcapping"):
+            v = _get(hf, mt, k)
+            kwargs[k] = None if v is None else _float(v, k)
+    if mt in ("qwen3", "gemma3_text"):
+        kwargs["qk_norm"] = "head"
+    if mt == "olmo2":
+        kwargs.update(norm_layout="post", qk_norm="proj")
+    if mt == "phi3":
+        kwargs.update(fused_qkv=True, fused_gate_up=True)
     return ModelConfig(**kwargs)
 
 
 def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict:
     """A ``config.json`` dict that transformers (4.48+ and 5.x) loads into the matching class.
 
-    RoPE is written in the transformers 4 form (``rope_theta`` + ``rope_scaling``), which
-    transformers 5 also reads.
+    RoPE is written in the transformers 4 form (``rope_theta`` + ``rope_scaling``, and Gemma 3's
+    ``rope_local_base_freq``), which transformers 5 also reads. Every math attribute is written
+    explicitly (no reliance on a version's defaults).
 
     Args:
       cfg: the model config.
@@ -289,7 +544,6 @@ def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict:
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_scaling": (
@@ -298,7 +552,20 @@ def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict:
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_dropout": 0.0,
+        # no family default (Phi-3's 32000 can lie outside the vocabulary); export_hf carries
+        # the source's token ids over
+        "pad_token_id": None,
     }
+    d["hidden_activation" if mt in ("gemma2", "gemma3_text") else "hidden_act"] = cfg.hidden_act
+    expect = load_config_fields_for(mt)
+    got = {k: getattr(cfg, k) for k in expect}
+    # the family's fixed structure must hold (it is not expressible otherwise)
+    bad = {k: (v, expect[k]) for k, v in got.items() if expect[k] is not _ANY and v != expect[k]}
+    if bad:
+        raise ValueError(
+            f"{mt} cannot express "
+            + ", ".join(f"{k}={v!r} (it has {want!r})" for k, (v, want) in sorted(bad.items()))
+        )
     biases = (cfg.attention_bias, cfg.o_proj_bias, cfg.mlp_bias)
     if mt == "llama":
         if cfg.attention_bias != cfg.o_proj_bias:
@@ -308,19 +575,65 @@ def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict:
             )
         d["attention_bias"] = cfg.attention_bias
         d["mlp_bias"] = cfg.mlp_bias
-    elif mt == "mistral":
+    elif mt in ("mistral", "phi3"):
         if any(biases):
-            raise ValueError(f"mistral has no biases; got attention/o_proj/mlp bias = {biases}")
+            raise ValueError(f"{mt} has no biases; got attention/o_proj/mlp bias = {biases}")
         d["sliding_window"] = cfg.sliding_window
     elif mt == "qwen2":
         if biases != (True, False, False):
             raise ValueError(
                 f"qwen2 needs attention/o_proj/mlp bias = (True, False, False), got {biases}"
             )
-        d["use_sliding_window"] = False
-        d["sliding_window"] = None
-    if cfg.sliding_window is not None and mt != "mistral":
+    elif mt in _ATTENTION_BIAS_ALL:
+        if cfg.attention_bias != cfg.o_proj_bias or cfg.mlp_bias:
+            raise ValueError(
+                f"{mt} needs o_proj_bias == attention_bias and no MLP bias, got {biases}"
+            )
+        d["attention_bias"] = cfg.attention_bias
+    if mt in ("qwen2", "qwen3"):
+        d["use_sliding_window"] = cfg.sliding_window is not None
+        d["sliding_window"] = cfg.sliding_window
+        d["max_window_layers"] = cfg.num_hidden_layers
+        d["layer_types"] = list(cfg.layer_kinds)
+    elif mt in ("gemma2", "gemma3_text"):
+        d["sliding_window"] = cfg.sliding_window
+        d["layer_types"] = list(cfg.layer_kinds)
+        d["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar
+        d["attn_logit_softcapping"] = cfg.attn_logit_softcapping
+        d["final_logit_softcapping"] = cfg.final_logit_softcapping
+    elif cfg.layer_types is not None and any(t != cfg.layer_types[0] for t in cfg.layer_types):
+        raise ValueError(f"{mt} cannot express per-layer attention kinds {cfg.layer_types}")
+    if cfg.sliding_window is not None and mt not in (
+        "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3_text"
+    ):
         raise ValueError(f"{mt} cannot express sliding_window={cfg.sliding_window}")
+    if mt == "gemma3_text":
+        local = cfg.ropes["sliding_attention"]
+        d["rope_local_base_freq"] = local.theta
+        if local.scaling is not None:
+            raise ValueError("gemma3_text cannot express a scaled RoPE on sliding layers")
+    elif cfg.sliding_rope_theta is not None:
+        raise ValueError(f"{mt} cannot express a separate RoPE for sliding layers")
     if dtype is not None:
         d["torch_dtype"] = jnp.dtype(dtype).name
     return d
+
+
+_ANY = object()
+
+
+def load_config_fields_for(mt: str) -> dict[str, Any]:
+    """The structural `ModelConfig` fields `load_config` sets for family `mt` (value or _ANY)."""
+    gemma = mt in _GEMMA
+    sandwich = mt in ("gemma2", "gemma3_text")
+    return {
+        "norm_offset": gemma,
+        "embed_scale": gemma,
+        "norm_layout": "sandwich" if sandwich else "post" if mt == "olmo2" else "pre",
+        "qk_norm": "head" if mt in ("qwen3", "gemma3_text") else "proj" if mt == "olmo2" else None,
+        "fused_qkv": mt == "phi3",
+        "fused_gate_up": mt == "phi3",
+        "query_pre_attn_scalar": _ANY if sandwich else None,
+        "attn_logit_softcapping": _ANY if sandwich else None,
+        "final_logit_softcapping": _ANY if sandwich else None,
+    }

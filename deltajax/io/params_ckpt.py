@@ -46,6 +46,7 @@ __all__ = [
     "CheckpointError",
     "ShardingSpec",
     "atomic_dir",
+    "cast_params",
     "check_destination",
     "check_not_input",
     "check_writable",
@@ -58,6 +59,7 @@ __all__ = [
     "flatten_params",
     "library_version",
     "load_params_ckpt",
+    "nonfinite_leaves",
     "param_name",
     "resolve_sharding",
     "save_params",
@@ -515,6 +517,7 @@ def load_params_ckpt(
     Raises:
       CheckpointError: missing/corrupt ``meta.json`` or array data, or arrays that do not match
         the config.
+      errors.NonFiniteError: a leaf holds NaN/Inf (as stored, or after the cast to `dtype`).
     """
     import orbax.checkpoint as ocp
 
@@ -548,7 +551,59 @@ def load_params_ckpt(
             params = ckptr.restore(path, target)
     except Exception as e:  # orbax/tensorstore raise many kinds; report them as one error type
         raise CheckpointError(ckpt_dir, [restore_problem(e)]) from e
+    _check_finite_leaves(ckpt_dir, params, stored_dtypes, meta.get("param_dtype"), dtype)
     return params, cfg
+
+
+@jax.jit
+def _nonfinite_counts(tree):
+    return jax.tree.map(lambda x: jnp.sum(~jnp.isfinite(x)) if jnp.issubdtype(
+        x.dtype, jnp.floating) else jnp.zeros((), jnp.int32), tree)
+
+
+def nonfinite_leaves(params) -> dict[str, int]:
+    """{dotted name: NaN/Inf count} of the leaves holding any (one reduction per leaf, one
+    device-to-host transfer for the whole tree)."""
+    counts = jax.device_get(_nonfinite_counts(params))
+    return {n: int(c) for n, c in flatten_params(counts).items() if int(c)}
+
+
+def cast_params(params, dtype, *, what: str = "params"):
+    """Every floating leaf of `params` cast to `dtype`, refusing a cast that makes a value
+    NaN/Inf (e.g. a float32 weight beyond float16's range): `errors.NonFiniteError` naming the
+    leaf. One reduction per leaf on the device, one transfer of the counts."""
+    from deltajax.errors import NonFiniteError
+
+    dt = jnp.dtype(dtype)
+    before = nonfinite_leaves(params)
+    out = jax.tree.map(lambda w: w.astype(dt) if jnp.issubdtype(w.dtype, jnp.floating) else w,
+                       params)
+    new = {n: c for n, c in nonfinite_leaves(out).items() if n not in before}
+    if new:
+        name, n = next(iter(new.items()))
+        src = jnp.dtype(flatten_params(params)[name].dtype).name
+        more = f" (and {len(new) - 1} more leaves)" if len(new) > 1 else ""
+        raise NonFiniteError(
+            f"{what}: '{name}' has {n} entries NaN/Inf after casting {src} -> {dt.name} (values "
+            f"beyond its range){more}; choose a wider dtype (bfloat16 or float32)",
+            name=name, count=n)
+    return out
+
+
+def _check_finite_leaves(ckpt_dir, params, stored_dtypes, param_dtype, dtype) -> None:
+    from deltajax.errors import NonFiniteError
+
+    bad = nonfinite_leaves(params)
+    if not bad:
+        return
+    name, n = next(iter(bad.items()))
+    stored = stored_dtypes.get(name, param_dtype)
+    cast = dtype is not None and jnp.dtype(dtype).name != stored
+    how = (f"after casting {stored} -> {jnp.dtype(dtype).name} (values beyond its range, or "
+           "stored so)" if cast else "as stored (a corrupt checkpoint or a diverged fine-tune)")
+    more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
+    raise NonFiniteError(f"{ckpt_dir}: '{name}' holds {n} NaN/Inf entries {how}{more}; "
+                         "refusing to use it", name=name, count=n)
 
 
 def _is_failed_read(u) -> bool:

@@ -53,6 +53,20 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
 
 
+def load_model_config(spec: str) -> M.ModelConfig:
+    """The `ModelConfig` of what `load_model(spec)` would load, without reading any weight (to
+    check options, e.g. `delta.check_budgets`, before a long load)."""
+    p = resolve_model_dir(spec)
+    if is_converted_checkpoint(p):
+        meta = checkpoint.read_meta(p)
+        try:
+            return checkpoint.config_from_json(meta["config"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise checkpoint.CheckpointError(p, [f"{checkpoint.META_FILE}: bad 'config': {e}"]
+                                             ) from e
+    return hf.load_config(p)
+
+
 def load_model(spec: str, *, dtype=None, mesh=None, progress: bool = False):
     """(params, cfg, tokenizer or None, source dir) of an HF dir, a converted checkpoint or
     'smollm2' — the one door for loading a model.

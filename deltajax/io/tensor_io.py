@@ -21,6 +21,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from deltajax.errors import check_finite_host
 from deltajax.io.params_ckpt import CheckpointError
 
 __all__ = ["TensorRef", "read_tensor", "scan_bin", "scan_safetensors", "write_safetensors"]
@@ -211,8 +212,19 @@ def scan_bin(path: Path, problems: list[str], unreadable: set[str]) -> dict[str,
     return out
 
 
-def read_tensor(t: TensorRef) -> np.ndarray:
-    """The tensor's data as a fresh host array of its stored dtype."""
+def read_tensor(t: TensorRef, *, check_finite: bool = True) -> np.ndarray:
+    """The tensor's data as a fresh host array of its stored dtype.
+
+    Raises `errors.NonFiniteError` naming the tensor and file if a float tensor holds NaN/Inf
+    (unless `check_finite` is False).
+    """
+    arr = _read(t)
+    if check_finite:
+        check_finite_host(arr, t.key, source=t.file.name)
+    return arr
+
+
+def _read(t: TensorRef) -> np.ndarray:
     if t.torch_tensor is not None:
         torch = require_torch()
         x = t.torch_tensor.detach().contiguous()
@@ -246,6 +258,11 @@ def write_safetensors(
       entries: (key, array) pairs, written in this order; arrays may be jax or numpy.
       dtypes: {key: dtype to write}; must be in `CODES`.
       on_tensor: called with each key once its data is written (progress).
+
+    Raises:
+      errors.NonFiniteError: an array holds NaN/Inf, or a cast to the written dtype made a
+        finite value Inf (a weight beyond float16's range); the file is then incomplete
+        (callers write into an `atomic_dir`).
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -264,9 +281,13 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for key, x in entries:
-            arr = np.ascontiguousarray(
-                np.asarray(jax.device_get(x)).astype(dtypes[key], copy=False)
-            )
+            src = np.asarray(jax.device_get(x))
+            with np.errstate(over="ignore"):  # an overflow is reported below, naming the key
+                arr = np.ascontiguousarray(src.astype(dtypes[key], copy=False))
+            check_finite_host(src, key)
+            if arr.dtype != src.dtype:  # a cast may overflow (e.g. float32 -> float16)
+                check_finite_host(arr, key, where=f"after casting {src.dtype} -> {arr.dtype}")
+            del src
             f.write(arr.reshape(-1).view(np.uint8).data)
             del arr
             if on_tensor is not None:

@@ -16,10 +16,33 @@ needs a new container, the container declares its bytes, layout and serving path
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+
+from deltajax.errors import BudgetError
+
+
+def ceil_sig(x: float, digits: int = 3) -> float:
+    """`x` rounded UP to `digits` significant digits (a stated minimum ratio that works)."""
+    if x <= 0:
+        return x
+    e = math.floor(math.log10(x)) - digits + 1
+    return float(f"{math.ceil(x / 10**e - 1e-9) * 10**e:.{digits}g}")
+
+
+def ratio_range_error(method: str, ratio, *, below_one: bool = True) -> BudgetError | None:
+    """A `BudgetError` for a ratio outside (0, 1) ((0, 1] with below_one=False), else None."""
+    number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+    if number and (0 < ratio < 1 if below_one else 0 < ratio <= 1):
+        return None
+    hi = "1)" if below_one else "1]"
+    why = (" (a ratio >= 1 stores at least as many bytes as the 16-bit delta itself: store "
+           "it densely with the keep method instead)" if below_one and number and ratio >= 1
+           else "")
+    return BudgetError(f"{method}: ratio must be in (0, {hi}, got {ratio!r}{why}")
 
 
 def check_int_range(owner: str, field: str, value, lo: int, hi: int | None = None) -> None:
@@ -77,6 +100,17 @@ class Method:
         """`tree.Rule`s placed before the default ones by `methods.default_rules` (e.g. DSnoT's
         MLP projections without refinement). Default: none."""
         return ()
+
+    def validate(self, shape: tuple[int, ...]) -> None:
+        """Raise `errors.BudgetError` if this method cannot compress a delta of `shape` (out, in)
+        within its budget (ratio, sparsity, bits); the message names the smallest budget that
+        would work for the shape (`BudgetError.min_ratio` where a ratio is at fault).
+
+        Called by `containers.compress_leaf` before every compress (so no method writes an
+        empty or over-budget container) and by `delta.check_budgets` over a model's shapes
+        before any weight is loaded. Checks that need no shape (ranges of fields) belong in the
+        subclass's ``__post_init__``. Default: every shape is fine.
+        """
 
     def budget_note(self) -> str | None:
         """One line on how the nominal budget was set (for the compress report), or None."""

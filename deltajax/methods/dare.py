@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from deltajax.containers import SCALE_DTYPES, MaskedDelta
+from deltajax.errors import BudgetError
 from deltajax.methods.base import Method, method_dataclass
 from deltajax.methods.common import keep_positions
 
@@ -28,9 +29,15 @@ class DARE(Method):
     rescale: bool = True
     dtype: str = "bfloat16"
 
+    def __post_init__(self):
+        if not isinstance(self.p, (int, float)) or not 0.0 <= self.p < 1.0:
+            raise BudgetError(f"dare: drop rate p must be in [0, 1), got {self.p!r} (p=1 would "
+                              "drop the whole delta)")
+        if self.dtype not in SCALE_DTYPES:
+            raise ValueError(f"dare: dtype must be one of {sorted(SCALE_DTYPES)}, got "
+                             f"{self.dtype!r}")
+
     def k_keep(self, k: int) -> int:
-        if not 0.0 <= self.p < 1.0:
-            raise ValueError(f"DARE drop rate p must be in [0, 1), got {self.p}")
         return max(1, int(round((1.0 - self.p) * k)))
 
     def compress(self, delta, *, key=None, stats=None) -> MaskedDelta:

@@ -34,6 +34,7 @@ data-free variant's; the true byte count never exceeds α·(16-bit delta) under 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import jax
@@ -46,8 +47,9 @@ from deltajax.containers import (
     pack_quantized,
     quantize_rtn,
 )
+from deltajax.errors import BudgetError
 from deltajax.methods import gptq_core as gptq
-from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.base import Method, ceil_sig, method_dataclass, ratio_range_error
 from deltajax.methods.common import svd
 from pallas_kernels import packing
 
@@ -105,6 +107,20 @@ def allocate_bands(
     return tuple(out)
 
 
+def _one_rank_ratio(m, n: int, k: int, bits: int) -> float:
+    """Ratio at which exactly one rank at `bits` fits `m`'s budget (bisection on allocation)."""
+    lo, hi = 0.0, 1.0
+    if not dataclasses.replace(m, ratio=hi, bands=(), fill_bits=bits).allocation(n, k):
+        return float("inf")
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if dataclasses.replace(m, ratio=mid, bands=(), fill_bits=bits).allocation(n, k):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 @method_dataclass
 class DeltaCoMe(Method):
     name = "deltacome"
@@ -135,6 +151,35 @@ class DeltaCoMe(Method):
                 raise ValueError(f"deltacome: bad band (bits={b}, rank={r}); bits in 0..8")
         if not 1 <= self.fill_bits <= 8:
             raise ValueError(f"deltacome: fill_bits must be in 1..8, got {self.fill_bits}")
+        err = ratio_range_error("deltacome", self.ratio, below_one=False)
+        if err is not None:
+            raise err
+        if self.budget not in ("true", "nominal"):
+            raise ValueError(f"deltacome: budget must be 'true' or 'nominal', got "
+                             f"{self.budget!r}")
+        if self.group < 1:
+            raise ValueError(f"deltacome: group must be >= 1, got {self.group}")
+        for f in ("scale_dtype", "s_dtype"):
+            if getattr(self, f) not in SCALE_DTYPES:
+                raise ValueError(f"deltacome: {f} must be one of {sorted(SCALE_DTYPES)}, got "
+                                 f"{getattr(self, f)!r}")
+
+    def min_ratio(self, n: int, k: int) -> float:
+        """Smallest ratio whose allocation holds at least one rank (of the cheapest band)."""
+        bits = [b for b, r in self.bands if b > 0 and r > 0] + [self.fill_bits]
+        return min(_one_rank_ratio(self, n, k, b) for b in bits)
+
+    def validate(self, shape) -> None:
+        n, k = shape
+        if not self.allocation(n, k):
+            need = ceil_sig(self.min_ratio(n, k))
+            while not dataclasses.replace(self, ratio=min(need, 1.0)).allocation(n, k):
+                need = ceil_sig(need * 1.001)  # float rounding at the boundary
+            raise BudgetError(
+                f"deltacome: ratio {self.ratio:g} is impossible for a {(n, k)} delta "
+                f"(budget={self.budget!r}): not one singular vector pair fits "
+                f"{self.ratio * 2 * n * k:.3g} bytes, the delta would be empty; the smallest "
+                f"ratio that works is {need:g} (1/{1 / need:.4g})", min_ratio=need)
 
     def allocation(self, n: int, k: int) -> tuple[tuple[int, int], ...]:
         sb = jnp.dtype(SCALE_DTYPES[self.scale_dtype]).itemsize

@@ -66,7 +66,8 @@ from deltajax.containers import (
     pack_quantized,
     quantize_codes,
 )
-from deltajax.methods.base import Method, method_dataclass
+from deltajax.errors import BudgetError
+from deltajax.methods.base import Method, ceil_sig, method_dataclass, ratio_range_error
 from pallas_kernels import packing
 
 _HI = jax.lax.Precision.HIGHEST
@@ -141,8 +142,9 @@ class DeltaDQ(Method):
         return f"nominal α = 1/{1 / self.ratio:.4g} (budget: {self.budget})"
 
     def __post_init__(self):
-        if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"deltadq: ratio must be in (0, 1], got {self.ratio}")
+        err = ratio_range_error("deltadq", self.ratio, below_one=False)
+        if err is not None:
+            raise err
         if not 1 <= self.bits <= 8:
             raise ValueError(f"deltadq: bits must be in 1..8, got {self.bits}")
         if self.qgroup <= 0 or self.qgroup & (self.qgroup - 1):
@@ -176,11 +178,13 @@ class DeltaDQ(Method):
         """Largest K (kept entries per row) whose stored bytes fit the budget."""
         budget = self.budget_bytes(n, k)
         if self.stored_bytes(n, k, 1) > budget:
-            raise ValueError(
-                f"deltadq: ratio {self.ratio} is impossible for a {(n, k)} delta at {self.bits} "
+            need = ceil_sig(self.stored_bytes(n, k, 1) / (2 * n * k))
+            raise BudgetError(
+                f"deltadq: ratio {self.ratio:g} is impossible for a {(n, k)} delta at {self.bits} "
                 f"bits: keeping one entry per row already stores "
-                f"{self.stored_bytes(n, k, 1)} bytes > budget {budget:.0f} bytes (lower bits, "
-                "or a larger ratio)")
+                f"{self.stored_bytes(n, k, 1)} bytes > budget {budget:.0f} bytes; the smallest "
+                f"ratio that works is {need:g} (1/{1 / need:.4g}), or lower bits",
+                min_ratio=need)
         lo, hi = 1, k  # invariant: stored_bytes(lo) <= budget
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -189,6 +193,10 @@ class DeltaDQ(Method):
             else:
                 hi = mid - 1
         return lo
+
+    def validate(self, shape) -> None:
+        n, k = shape
+        self.candidates(k, self.keep_count(n, k))
 
     def candidates(self, k: int, keep: int) -> tuple[int, ...]:
         """Candidate group sizes: powers of two dividing k keeping >= 1 per group, and k."""

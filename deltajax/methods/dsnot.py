@@ -76,6 +76,7 @@ from deltajax.containers import (
     SparseDelta,
     quantize_rtn,
 )
+from deltajax.errors import BudgetError
 from deltajax.methods.base import Method, method_dataclass
 from deltajax.methods.common import keep_positions
 from deltajax.tree import MLP_PATTERN, Rule
@@ -341,7 +342,13 @@ class DSnoT(Method):
             return ()
         return (Rule(MLP_PATTERN, dataclasses.replace(self, refine=False, refine_mlp=True)),)
 
+    def __post_init__(self):
+        self._check()
+
     def _check(self):
+        if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise BudgetError(f"dsnot: sparsity must be in [0, 1), got {self.sparsity!r} "
+                              "(1 would drop the whole delta)")
         if self.init not in INITS:
             raise ValueError(f"DSnoT init {self.init!r} unknown; choose one of {INITS}")
         if self.stop_rule not in STOP_RULES:

@@ -44,7 +44,13 @@ import jax.numpy as jnp
 
 from deltajax.containers import SCALE_DTYPES, FeatLowRankDelta
 from deltajax.methods.base import Method, method_dataclass
-from deltajax.methods.common import budget_rank, svd
+from deltajax.methods.common import (
+    budget_rank,
+    check_lowrank_fields,
+    factor_bits,
+    svd,
+    validate_lowrank_budget,
+)
 
 _HI = jax.lax.Precision.HIGHEST
 MODES = ("uncentered", "pooled")
@@ -137,14 +143,12 @@ class FeatureLowRank(Method):
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"featlowrank mode must be one of {MODES}, got {self.mode!r}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"featlowrank rank must be >= 1, got {self.rank}")
-        if self.rank is None and not self.ratio > 0:
-            raise ValueError(f"featlowrank ratio must be > 0, got {self.ratio}")
-        if self.dtype not in SCALE_DTYPES:
-            raise ValueError(f"featlowrank dtype must be one of {sorted(SCALE_DTYPES)}")
+        check_lowrank_fields(self)
         if self.pool_size < 1:
             raise ValueError(f"featlowrank pool_size must be >= 1, got {self.pool_size}")
+
+    def validate(self, shape) -> None:
+        validate_lowrank_budget(self, shape)
 
     @property
     def stats_pool_size(self) -> int | None:
@@ -157,7 +161,8 @@ class FeatureLowRank(Method):
         return self.mode == "uncentered"
 
     def rank_for(self, n: int, k: int) -> int:
-        r = self.rank if self.rank is not None else budget_rank(n, k, self.ratio)
+        r = (self.rank if self.rank is not None
+             else budget_rank(n, k, self.ratio, factor_bits(self)))
         return max(1, min(r, n, k))
 
     def compress(self, delta, *, key=None, stats=None) -> FeatLowRankDelta:

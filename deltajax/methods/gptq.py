@@ -22,7 +22,8 @@ from deltajax.containers import (
     quantize_rtn,
 )
 from deltajax.methods import gptq_core as gptq
-from deltajax.methods.base import Method, check_int_range, method_dataclass
+from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.common import check_quant_fields
 
 
 @method_dataclass
@@ -40,8 +41,9 @@ class GPTQ(Method):
     scale_dtype: str = "bfloat16"
 
     def __post_init__(self):
-        check_int_range("GPTQ", "bits", self.bits, 1, 8)
-        check_int_range("GPTQ", "group", self.group, 1)
+        check_quant_fields(self)
+        if not 0 <= self.percdamp:
+            raise ValueError(f"gptq: percdamp must be >= 0, got {self.percdamp}")
 
     def compress(self, delta, *, key=None, stats=None) -> QuantizedMatrix:
         sdt = SCALE_DTYPES[self.scale_dtype]

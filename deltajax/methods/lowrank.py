@@ -13,7 +13,13 @@ import jax.numpy as jnp
 
 from deltajax.containers import SCALE_DTYPES, LowRankDelta
 from deltajax.methods.base import Method, method_dataclass
-from deltajax.methods.common import budget_rank, svd
+from deltajax.methods.common import (
+    budget_rank,
+    check_lowrank_fields,
+    factor_bits,
+    svd,
+    validate_lowrank_budget,
+)
 
 
 @method_dataclass
@@ -24,13 +30,20 @@ class LowRank(Method):
 
     dtype: str = "bfloat16"
 
+    def __post_init__(self):
+        check_lowrank_fields(self)
+
+    def validate(self, shape) -> None:
+        validate_lowrank_budget(self, shape)
+
     def budget_note(self) -> str | None:
         if self.rank is not None:
             return None
         return f"nominal α = 1/{1 / self.ratio:.4g} (budget: nominal)"
 
     def rank_for(self, n: int, k: int) -> int:
-        r = self.rank if self.rank is not None else budget_rank(n, k, self.ratio)
+        r = (self.rank if self.rank is not None
+             else budget_rank(n, k, self.ratio, factor_bits(self)))
         return max(1, min(r, n, k))
 
     def compress(self, delta, *, key=None, stats=None) -> LowRankDelta:

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from deltajax.containers import SCALE_DTYPES, QuantizedMatrix, quantize_rtn
-from deltajax.methods.base import Method, check_int_range, method_dataclass
+from deltajax.methods.base import Method, method_dataclass
+from deltajax.methods.common import check_quant_fields
 
 
 @method_dataclass
@@ -23,8 +24,7 @@ class RTN(Method):
     scale_dtype: str = "bfloat16"
 
     def __post_init__(self):
-        check_int_range("RTN", "bits", self.bits, 1, 8)
-        check_int_range("RTN", "group", self.group, 1)
+        check_quant_fields(self)
 
     def compress(self, delta, *, key=None, stats=None) -> QuantizedMatrix:
         return quantize_rtn(delta, bits=self.bits, group=self.group, sym=self.sym,

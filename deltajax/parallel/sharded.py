@@ -40,7 +40,13 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from deltajax import ops
-from deltajax.containers import DeltaLeaf, DeltaWeight, leaf_key
+from deltajax.containers import (
+    DeltaLeaf,
+    DeltaWeight,
+    check_finite_flags,
+    finite_flags,
+    leaf_key,
+)
 from deltajax.parallel import sharding as sh
 from deltajax.steps import calibrate
 from deltajax.tree import flatten, map_with_names, rule_for
@@ -64,9 +70,10 @@ def _stacked_compress(method, mesh: Mesh):
 
     def fn(ds, keys):
         out = jax.vmap(lambda d, k: method.compress(d, key=k, stats=None))(ds, keys)
+        flags = jax.vmap(finite_flags)(ds, out)  # (chunk, 2): NaN/Inf in / out, per matrix
         # unstacked inside the same program: one compile per (method, shape), not one eager
         # slice program per matrix and array
-        return tuple(jax.tree.map(lambda a, i=i: a[i], out) for i in range(ds.shape[0]))
+        return tuple(jax.tree.map(lambda a, i=i: a[i], out) for i in range(ds.shape[0])), flags
 
     return jax.jit(fn, in_shardings=(stack, stack))
 
@@ -116,8 +123,12 @@ def compress_tree_sharded(
         stack = NamedSharding(mesh, P(sh.AXES))  # matrix i of the chunk on device i % D
         ds = jax.device_put(jnp.stack([flat[n].astype(jnp.float32) for n in padded]), stack)
         keys = jax.device_put(jnp.stack([leaf_key(key, n) for n in padded]), stack)
-        out = _stacked_compress(method, mesh)(ds, keys)
+        method.validate(tuple(flat[names[0]].shape))
+        out, flags = _stacked_compress(method, mesh)(ds, keys)
         del ds
+        flags = jax.device_get(flags)
+        for n, f in zip(names, flags):
+            check_finite_flags(f, method, n, flat[n].shape)
         for n, c in zip(names, out):
             leaf = DeltaLeaf(container=c, method=method, shape=tuple(flat[n].shape))
             if place:

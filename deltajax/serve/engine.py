@@ -75,7 +75,9 @@ import numpy as np
 from deltajax import model as M
 from deltajax import ops
 from deltajax.containers import DeltaLeaf
+from deltajax.io.params_ckpt import cast_params
 from deltajax.methods import Method
+from deltajax.rope import DYNAMIC_TYPES as DYNAMIC_ROPE_TYPES
 from deltajax.serve import generate as G
 from deltajax.serve.multitenant import multitenant_matmul
 from deltajax.tree import flatten, map_with_names
@@ -475,22 +477,25 @@ def _prefill_insert(base, pools, state: SlotState, tokens, n, slot, pool_id, poo
     return state, first
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
-def _decode(base, pools, state: SlotState, active, *, cfg, specs, implementation, interpret):
+def _decode_once(base, pools, state: SlotState, active, *, cfg, specs, implementation,
+                 interpret):
     """One token for every slot: feed `last` at `pos`; inactive rows keep their state."""
     params = bind(base, pools, specs, state.pool, state.index, implementation=implementation,
                   interpret=interpret)
     max_len = state.k[0].shape[1]
     pos = jnp.minimum(state.pos, max_len - 1)
     cols = jnp.arange(max_len)
-    mask = cols[None, None, :] <= pos[:, None, None]
-    if cfg.sliding_window is not None:
-        mask = mask & (pos[:, None, None] - cols[None, None, :] < cfg.sliding_window)
-    h = M.embed(params, state.last[:, None])
+    causal = cols[None, None, :] <= pos[:, None, None]
+    masks = {}
+    for kind in set(cfg.layer_kinds):  # per-layer sliding windows (Gemma 2/3, Qwen2 layer_types)
+        window = cfg.window(kind)
+        masks[kind] = causal if window is None else (
+            causal & (pos[:, None, None] - cols[None, None, :] < window))
+    h = M.embed(params, state.last[:, None], cfg=cfg)
     ks, vs = [], []
     for i, lp in enumerate(params["layers"]):
-        h, (k, v) = M.decoder_layer(cfg, lp, h, pos[:, None], mask, (state.k[i], state.v[i]),
-                                    pos)
+        h, (k, v) = M.decoder_layer(cfg, lp, h, pos[:, None], masks, (state.k[i], state.v[i]),
+                                    pos, kind=cfg.layer_kind(i))
         ks.append(k)
         vs.append(v)
     logits = M.unembed(cfg, params, h)[:, 0]
@@ -501,6 +506,28 @@ def _decode(base, pools, state: SlotState, active, *, cfg, specs, implementation
     state = state.replace(k=tuple(ks), v=tuple(vs), pos=state.pos + inc, last=tok,
                           gen=state.gen + inc)
     return state, tok
+
+
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "steps"), donate_argnames=("state",))
+def _decode(base, pools, state: SlotState, active, *, cfg, specs, implementation, interpret,
+            steps: int = 1):
+    """`steps` decode steps in one call (a `lax.scan` of `_decode_once`): tokens (steps, slots).
+
+    Rows are independent, so a row's tokens do not depend on `steps`; the host reads them once
+    per call (one round trip per `steps` tokens) and drops a row's tokens after its request
+    finishes (the row decoded on, unused, until the call ended).
+    """
+    kw = dict(cfg=cfg, specs=specs, implementation=implementation, interpret=interpret)
+    if steps == 1:
+        state, tok = _decode_once(base, pools, state, active, **kw)
+        return state, tok[None]
+
+    def body(st, _):
+        return _decode_once(base, pools, st, active, **kw)
+
+    return jax.lax.scan(body, state, None, length=steps)
 
 
 @functools.partial(jax.jit, donate_argnames=("pool",))
@@ -708,6 +735,11 @@ class Engine:
       seed: seeds the engine's draws of seeds for requests that give none.
       dtype: cast the base weights to this dtype (after fingerprinting them: deltas are checked
         against the stored base).
+      decode_steps: decode steps per device call (one host round trip per call): the host
+        reads the tokens, streams them and admits waiting requests every `decode_steps` tokens.
+        Outputs do not depend on it; more steps hide the per-call host cost (measured on an
+        H200, 7B shapes: benchmarks/decode.md), at the price of admitting new requests and
+        noticing finished ones up to `decode_steps - 1` tokens later.
     """
 
     def __init__(
@@ -717,19 +749,27 @@ class Engine:
         prefill_buckets: Sequence[int] | None = None, max_queue: int = 1024,
         prefills_per_step: int = 1, default_max_tokens: int = 256, kv_dtype=None,
         implementation: str = "auto", interpret: bool = False, seed: int | None = None,
-        dtype=None,
+        dtype=None, decode_steps: int = 4,
     ):
         if slots < 1 or max_len < 2 or pool_capacity < 1 or max_queue < 1 or \
-                prefills_per_step < 1 or default_max_tokens < 1:
+                prefills_per_step < 1 or default_max_tokens < 1 or decode_steps < 1:
             raise ValueError(f"Engine: slots={slots}, max_len={max_len}, pool_capacity="
                              f"{pool_capacity}, max_queue={max_queue}, prefills_per_step="
-                             f"{prefills_per_step}, default_max_tokens={default_max_tokens}: "
-                             "need slots, pool_capacity, max_queue, prefills_per_step, "
-                             "default_max_tokens >= 1 and max_len >= 2")
+                             f"{prefills_per_step}, default_max_tokens={default_max_tokens}, "
+                             f"decode_steps={decode_steps}: need slots, pool_capacity, "
+                             "max_queue, prefills_per_step, default_max_tokens, decode_steps "
+                             ">= 1 and max_len >= 2")
         buckets = tuple(sorted({int(b) for b in (prefill_buckets or default_buckets(max_len))}))
         if buckets[0] < 1 or buckets[-1] != max_len:
             raise ValueError(f"Engine: prefill_buckets {buckets} must be >= 1 and end at "
                              f"max_len={max_len}")
+        dyn = sorted({r.rope_type for r in cfg.ropes.values()} & set(DYNAMIC_ROPE_TYPES))
+        if dyn:
+            raise ValueError(
+                f"Engine: {cfg.model_type} uses rope_type={dyn[0]!r}, whose frequencies depend on "
+                "the longest position of a batch; the slot engine cannot reproduce that per "
+                "request. Use deltajax.generate (it runs transformers' semantics)."
+            )
         if max_len > cfg.max_position_embeddings:
             log.warning("max_len %d exceeds the model's max_position_embeddings %d", max_len,
                         cfg.max_position_embeddings)
@@ -738,11 +778,13 @@ class Engine:
         self.buckets, self.max_queue = buckets, max_queue
         self.prefills_per_step, self.default_max_tokens = prefills_per_step, default_max_tokens
         self.implementation, self.interpret = implementation, interpret
+        self.decode_steps = decode_steps
         self._tok_lock = threading.Lock()
-        self._base_fp: str | None = None
+        self._base_fp: dict[int, str] | None = None
         if dtype is not None:  # deltas are checked against the stored base: fingerprint first
-            self._fingerprint_of(params)
-            params = jax.tree.map(lambda w: w.astype(dtype), params)
+            for version in (1, 2):  # format-1 deltas carry the sampled fingerprint
+                self._fingerprint_of(params, version)
+            params = cast_params(params, dtype, what="base")  # refuses a cast to Inf
         self._base = params
         self._base_flat = flatten(params)
         self._kv_dtype = kv_dtype or getattr(params["embed_tokens"]["weight"], "dtype",
@@ -823,15 +865,18 @@ class Engine:
         ft = _FineTune(name=name, source=src, layout=layout, arrays=arrays)
         return self._in_engine(lambda: self._register(ft))
 
-    def _fingerprint_of(self, params) -> str:
+    def _fingerprint_of(self, params, version: int = 2) -> str:
+        """`io.delta_ckpt.fingerprint` of the base, computed once per fingerprint version."""
         from deltajax.io import delta_ckpt
 
         if self._base_fp is None:
-            self._base_fp = delta_ckpt.fingerprint(params)
-        return self._base_fp
+            self._base_fp = {}
+        if version not in self._base_fp:
+            self._base_fp[version] = delta_ckpt.fingerprint(params, version=version)
+        return self._base_fp[version]
 
-    def _fingerprint(self) -> str:
-        return self._fingerprint_of(self._base)
+    def _fingerprint(self, version: int = 2) -> str:
+        return self._fingerprint_of(self._base, version)
 
     def _read_delta(self, path: str) -> dict[str, DeltaLeaf]:
         """`io.delta_ckpt.load_delta` of `path`, refused unless it was made from this base
@@ -843,12 +888,7 @@ class Engine:
             raise FineTuneError(f"delta path {path} is not a directory", param="lora_path")
         try:
             meta = delta_ckpt.read_delta_meta(path)
-            fp = self._fingerprint()
-            if meta.get("base_fingerprint") != fp:
-                raise delta_ckpt.WrongBaseError(
-                    f"{path}: this delta was made from a different base model (fingerprint "
-                    f"{meta.get('base_fingerprint')} != {fp}); load it onto the base it was "
-                    "compressed against")
+            delta_ckpt.verify_base(path, meta, self._fingerprint)
             compressed, _ = delta_ckpt.load_delta(path, cfg=self.cfg, check_base=False)
         except delta_ckpt.WrongBaseError as e:
             raise FineTuneError(str(e), param="lora_path", code="wrong_base") from None
@@ -1312,10 +1352,11 @@ class Engine:
         return int(first)
 
     def _decode_step(self, active: np.ndarray) -> None:
+        reqs = list(self._slot_req)  # the requests the tokens of this call belong to
         try:
             self._state, tok = _decode(self._base, self._pool_arrays(), self._state, active,
-                                       **self._static())
-            toks = np.asarray(tok)
+                                       steps=self.decode_steps, **self._static())
+            toks = np.asarray(tok)  # (decode_steps, slots)
         except Exception as e:
             log.exception("decode step failed; failing the running requests")
             for s, r in enumerate(self._slot_req):
@@ -1323,11 +1364,14 @@ class Engine:
                     self._finish(s, r, "error", error=f"decode failed: {e}")
             self._state = SlotState.create(self.cfg, self.slots, self.max_len, self._kv_dtype)
             return
-        self._count("decode_steps")
-        for s in np.flatnonzero(active):
-            r = self._slot_req[s]
-            if r is not None:
-                self._on_token(int(s), r, int(toks[s]))
+        self._count("decode_calls")
+        self._count("decode_steps", len(toks))
+        rows = np.flatnonzero(active)
+        for step_toks in toks:
+            for s in rows:
+                r = reqs[s]
+                if r is not None and self._slot_req[s] is r:  # still running
+                    self._on_token(int(s), r, int(step_toks[s]))
 
     def _on_token(self, slot: int, r: Request, tok: int) -> None:
         now = time.monotonic()

@@ -488,6 +488,7 @@ def prometheus_text(m: dict, http_errors: Counter | None = None) -> str:
     metric("requests_rejected_total", "counter", "Sequences refused because the queue was full.",
            [({"reason": "queue_full"}, st.get("rejected_queue_full", 0))])
     for key, help_ in [("prefills", "Prefills run."), ("decode_steps", "Decode steps run."),
+                       ("decode_calls", "Decode device calls (decode_steps steps each)."),
                        ("evictions", "Idle fine-tunes evicted from a full pool."),
                        ("loads", "Fine-tunes registered."), ("unloads", "Fine-tunes unloaded.")]:
         metric(f"{key}_total", "counter", help_, [({}, st.get(key, 0))])
@@ -629,7 +630,8 @@ def main(argv):
                         prefill_buckets=buckets, max_queue=FLAGS.max_queue,
                         prefills_per_step=FLAGS.prefills_per_step,
                         default_max_tokens=FLAGS.default_max_tokens,
-                        implementation=FLAGS.implementation, dtype=FLAGS.dtype)
+                        implementation=FLAGS.implementation, dtype=FLAGS.dtype,
+                        decode_steps=FLAGS.decode_steps)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     for name, path in deltas.items():  # checked against the stored base, before any cast
@@ -672,6 +674,9 @@ def define_flags() -> None:
                       "... up to --max_len; the last must be --max_len).")
     flags.DEFINE_integer("prefills_per_step", 1, "Prefills between two decode steps while "
                          "decoding.")
+    flags.DEFINE_integer("decode_steps", 4, "Decode steps per device call: tokens reach the "
+                         "host (and streams, stops, admissions are handled) every N steps; "
+                         "outputs do not depend on it, larger hides the per-call host cost.")
     flags.DEFINE_integer("default_max_tokens", 256, "Completion length when a chat request sets "
                          "none (capped by the context).")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],

@@ -167,42 +167,43 @@ def calibration_windows(tok, path=None, *, num_windows: int = 64, seq_len: int =
 # ------------------------------------------------------------------------------- layer forwards
 
 
-def _masks(cfg, b, t, token_mask):
+def _masks(cfg, b, t, token_mask, kind=None):
     positions = jnp.maximum(jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
-    amask = M._attn_mask(cfg, jnp.arange(t), jnp.arange(t), token_mask)
+    amask = M._attn_mask(cfg, jnp.arange(t), jnp.arange(t), token_mask, kind)
     return positions, amask
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tap"))
-def _tap_sums(cfg, lp, h, token_mask, sums, tap):
-    positions, amask = _masks(cfg, *h.shape[:2], token_mask)
+@functools.partial(jax.jit, static_argnames=("cfg", "tap", "kind"))
+def _tap_sums(cfg, lp, h, token_mask, sums, tap, kind=None):
+    positions, amask = _masks(cfg, *h.shape[:2], token_mask, kind)
     taps: dict = {}
-    M.decoder_layer(cfg, lp, h, positions, amask, taps=taps)
+    M.decoder_layer(cfg, lp, h, positions, amask, taps=taps, kind=kind)
     return _add_sums(sums, taps[tap], token_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tap_list"))
-def _all_tap_sums(cfg, lp, h, token_mask, sums, tap_list):
-    positions, amask = _masks(cfg, *h.shape[:2], token_mask)
+@functools.partial(jax.jit, static_argnames=("cfg", "tap_list", "kind"))
+def _all_tap_sums(cfg, lp, h, token_mask, sums, tap_list, kind=None):
+    positions, amask = _masks(cfg, *h.shape[:2], token_mask, kind)
     taps: dict = {}
-    M.decoder_layer(cfg, lp, h, positions, amask, taps=taps)
+    M.decoder_layer(cfg, lp, h, positions, amask, taps=taps, kind=kind)
     return tuple(_add_sums(s, taps[t], token_mask) for s, t in zip(sums, tap_list))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tap_list"))
-def _all_tap_pool_sums(cfg, lp, h, token_mask, sums, psums, pool_ids, wtok, tap_list):
-    positions, amask = _masks(cfg, *h.shape[:2], token_mask)
+@functools.partial(jax.jit, static_argnames=("cfg", "tap_list", "kind"))
+def _all_tap_pool_sums(cfg, lp, h, token_mask, sums, psums, pool_ids, wtok, tap_list,
+                       kind=None):
+    positions, amask = _masks(cfg, *h.shape[:2], token_mask, kind)
     taps: dict = {}
-    M.decoder_layer(cfg, lp, h, positions, amask, taps=taps)
+    M.decoder_layer(cfg, lp, h, positions, amask, taps=taps, kind=kind)
     return (tuple(_add_sums(s, taps[t], token_mask) for s, t in zip(sums, tap_list)),
             tuple(_add_pool_sums(p, taps[t], token_mask, pool_ids, wtok)
                   for p, t in zip(psums, tap_list)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _layer_out(cfg, lp, h, token_mask):
-    positions, amask = _masks(cfg, *h.shape[:2], token_mask)
-    return M.decoder_layer(cfg, lp, h, positions, amask)[0]
+@functools.partial(jax.jit, static_argnames=("cfg", "kind"))
+def _layer_out(cfg, lp, h, token_mask, kind=None):
+    positions, amask = _masks(cfg, *h.shape[:2], token_mask, kind)
+    return M.decoder_layer(cfg, lp, h, positions, amask, kind=kind)[0]
 
 
 def _batches(n: int, batch_size: int):
@@ -211,10 +212,11 @@ def _batches(n: int, batch_size: int):
 
 
 def capture_layer_stats(cfg, lp, hidden, token_mask, *, taps: Sequence[str],
-                        batch_size: int = 8, pool_size: int | None = None
-                        ) -> dict[str, LinearStats]:
+                        batch_size: int = 8, pool_size: int | None = None,
+                        kind: str | None = None) -> dict[str, LinearStats]:
     """{tap: LinearStats} of layer `lp`'s linear inputs over all windows of `hidden` (N, L, D).
 
+    kind: the layer's attention kind (`cfg.layer_kind(i)`; needed where the model mixes kinds).
     pool_size: also reduce Bolaco's pooled statistics over pools of this many windows
     (`LinearStats.pool_cov` / `pool_mean`); None (default): not computed.
     """
@@ -224,7 +226,7 @@ def capture_layer_stats(cfg, lp, hidden, token_mask, *, taps: Sequence[str],
     sums = tuple(_zero_sums(dims[t]) for t in taps)
     if pool_size is None:
         for sl in _batches(n, batch_size):
-            sums = _all_tap_sums(cfg, lp, hidden[sl], token_mask[sl], sums, tuple(taps))
+            sums = _all_tap_sums(cfg, lp, hidden[sl], token_mask[sl], sums, tuple(taps), kind)
         return {t: finalize(s) for t, s in zip(taps, sums)}
     ids, counts = pool_plan(token_mask, pool_size)
     wtok, coef = _pool_weights(ids, counts)
@@ -232,13 +234,14 @@ def capture_layer_stats(cfg, lp, hidden, token_mask, *, taps: Sequence[str],
     psums = tuple(_zero_pool_sums(dims[t], len(counts)) for t in taps)
     for sl in _batches(n, batch_size):
         sums, psums = _all_tap_pool_sums(cfg, lp, hidden[sl], token_mask[sl], sums, psums,
-                                         ids[sl], wtok[sl], tuple(taps))
+                                         ids[sl], wtok[sl], tuple(taps), kind)
     return {t: _finalize_pooled(finalize(s), p, counts, coef)
             for t, s, p in zip(taps, sums, psums)}
 
 
-def layer_forward(cfg, lp, hidden, token_mask, *, batch_size: int = 8) -> jax.Array:
-    return jnp.concatenate([_layer_out(cfg, lp, hidden[sl], token_mask[sl])
+def layer_forward(cfg, lp, hidden, token_mask, *, batch_size: int = 8,
+                  kind: str | None = None) -> jax.Array:
+    return jnp.concatenate([_layer_out(cfg, lp, hidden[sl], token_mask[sl], kind)
                             for sl in _batches(hidden.shape[0], batch_size)])
 
 
@@ -359,7 +362,7 @@ def sequential_compress(
     for name in fb:
         if not name.startswith("layers."):
             _set(cur_top, name, current(name))
-    hidden = M.embed(cur_top, tokens)
+    hidden = M.embed(cur_top, tokens, cfg=cfg)
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.num_hidden_layers), desc="calibrate+compress", unit="layer",
                disable=not progress)
@@ -375,15 +378,18 @@ def sequential_compress(
         if true_sequential:
             for tap, projs in groups:
                 st = capture_layer_stats(cfg, lp, hidden, tmask, taps=(tap,),
-                                         batch_size=batch_size, pool_size=pool_size)[tap]
+                                         batch_size=batch_size, pool_size=pool_size,
+                                         kind=cfg.layer_kind(i))[tap]
                 _compress_group(lp, prefix, projs, st, rules, delta_of, fb, out, key, on_stats)
         elif groups:
             stats = capture_layer_stats(cfg, lp, hidden, tmask, taps=[t for t, _ in groups],
-                                        batch_size=batch_size, pool_size=pool_size)
+                                        batch_size=batch_size, pool_size=pool_size,
+                                        kind=cfg.layer_kind(i))
             for tap, projs in groups:
                 _compress_group(lp, prefix, projs, stats[tap], rules, delta_of, fb, out, key,
                                 on_stats)
-        hidden = layer_forward(cfg, lp, hidden, tmask, batch_size=batch_size)
+        hidden = layer_forward(cfg, lp, hidden, tmask, batch_size=batch_size,
+                               kind=cfg.layer_kind(i))
         if progress:
             bar.set_postfix(s=f"{time.perf_counter() - t0:.0f}")
     leftovers = [n for n in calibrated if n not in out]
@@ -414,16 +420,17 @@ def collect_stats(params: Mapping, cfg: M.ModelConfig, tokens, *, token_mask=Non
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     tmask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
-    hidden = M.embed(params, tokens)
+    hidden = M.embed(params, tokens, cfg=cfg)
     out = {}
     taps = tuple(t for t, _ in SUBBLOCKS)
     for i in tqdm(range(cfg.num_hidden_layers), desc="statistics", unit="layer",
                   disable=not progress):
         lp = params["layers"][i]
         st = capture_layer_stats(cfg, lp, hidden, tmask, taps=taps, batch_size=batch_size,
-                                 pool_size=pool_size)
+                                 pool_size=pool_size, kind=cfg.layer_kind(i))
         for tap, projs in SUBBLOCKS:
             for p in projs:
                 out[f"layers.{i}.{p}.weight"] = st[tap]
-        hidden = layer_forward(cfg, lp, hidden, tmask, batch_size=batch_size)
+        hidden = layer_forward(cfg, lp, hidden, tmask, batch_size=batch_size,
+                               kind=cfg.layer_kind(i))
     return out

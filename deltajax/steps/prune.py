@@ -105,7 +105,7 @@ def prune_model(
     tokens = jnp.asarray(tokens, jnp.int32)
     tmask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
     out = jax.tree.map(lambda x: x, params)
-    hidden = M.embed(params, tokens)
+    hidden = M.embed(params, tokens, cfg=cfg)
     zeros = total = 0
     eps_by: dict[str, list] = {}
     t0 = time.perf_counter()
@@ -113,7 +113,7 @@ def prune_model(
     for i in tqdm(range(cfg.num_hidden_layers), desc="prune", unit="layer", disable=not progress):
         lp = out["layers"][i]
         stats = calibrate.capture_layer_stats(cfg, lp, hidden, tmask, taps=taps,
-                                              batch_size=batch_size)
+                                              batch_size=batch_size, kind=cfg.layer_kind(i))
         for j, (tap, projs) in enumerate(calibrate.SUBBLOCKS):
             for jj, p in enumerate(projs):
                 w = _get(lp, f"{p}.weight")
@@ -128,7 +128,8 @@ def prune_model(
                 total += keep.size
                 t = p.split(".")[-1]
                 eps_by.setdefault(t, []).append((float(jnp.mean(e0)), float(jnp.mean(e1))))
-        hidden = calibrate.layer_forward(cfg, lp, hidden, tmask, batch_size=batch_size)
+        hidden = calibrate.layer_forward(cfg, lp, hidden, tmask, batch_size=batch_size,
+                                          kind=cfg.layer_kind(i))
         log(f"[prune] layer {i} done ({time.perf_counter() - t0:.0f} s)")
     report = {
         "sparsity": zeros / max(total, 1),

@@ -3,9 +3,12 @@
 Grid (B, KH, splits): each program reads one KV head's keys and values of one row over its share
 of the cache once, in blocks of `block_s` slots, for the G query heads that share them, with an
 online softmax in fp32 (scores on CUDA cores: G ≤ 8 query rows do not fill a tensor-core tile).
-Slots beyond S and invalid slots are masked. Each split writes its unnormalised partial output,
-running max and sum; XLA combines the splits (a few KB) and normalises, so a long cache with a
-small batch still spreads over the SMs (`splits`, default: enough programs for ~2 waves).
+Slots beyond S and invalid slots are masked, and each program stops at the row's last valid slot
+(`hi`, one tiny reduction of `valid` in XLA): a serving cache of `max_len` slots whose rows hold
+fewer tokens is read only up to each row's length, not whole. Each split writes its
+unnormalised partial output, running max and sum; XLA combines the splits (a few KB) and
+normalises, so a long cache with a small batch still spreads over the SMs (`splits`, default:
+enough programs for ~2 waves).
 """
 
 from __future__ import annotations
@@ -44,13 +47,14 @@ def can_use(*, h: int, kh: int, d: int, dtype) -> bool:
     return reason(h=h, kh=kh, d=d, dtype=dtype) is None
 
 
-def _kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, m_ref, l_ref, *, g, s_len, block_s, per_split,
-            scale):
+def _kernel(q_ref, k_ref, v_ref, valid_ref, hi_ref, o_ref, m_ref, l_ref, *, g, s_len, block_s,
+            per_split, scale):
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     d = q_ref.shape[-1]
     qs = [q_ref[b, kh * g + i, :].astype(jnp.float32) * scale for i in range(g)]  # (D,) each
     start = sp * per_split
-    nblocks = per_split // block_s
+    # blocks of this split up to the row's last valid slot (none past it is read)
+    nblocks = jnp.clip((hi_ref[b] - start + block_s - 1) // block_s, 0, per_split // block_s)
 
     def body(i, carry):
         s0 = start + i * block_s
@@ -99,6 +103,8 @@ def decode_attention(q, k, v, valid, *, block_s: int = 64, splits: int | None = 
     splits = cdiv(s_len, per_split)
     kern = functools.partial(_kernel, g=g, s_len=s_len, block_s=block_s, per_split=per_split,
                              scale=1.0 / math.sqrt(d))
+    # one past each row's last valid slot (0 for a row with none)
+    hi = jnp.max(jnp.where(valid, jnp.arange(1, s_len + 1, dtype=jnp.int32), 0), axis=1)
     o, m, lsum = pl.pallas_call(
         kern,
         out_shape=(jax.ShapeDtypeStruct((b, splits, h, d), jnp.float32),
@@ -108,7 +114,7 @@ def decode_attention(q, k, v, valid, *, block_s: int = 64, splits: int | None = 
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="deltajax_decode_attention",
-    )(q, k, v, valid.astype(jnp.int8))
+    )(q, k, v, valid.astype(jnp.int8), hi.astype(jnp.int32))
     m_all = jnp.max(m, axis=1, keepdims=True)
     m_all = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
     w = jnp.where(jnp.isfinite(m), jnp.exp(m - m_all), 0.0)  # (B, splits, H)
