@@ -916,7 +916,8 @@ def run_cases(cases: list[Case], root: Path, *, log=print) -> list[dict]:
             o = run_script(case.script, argv, env=case.env, cwd=cwd)
         damaged = ws.damaged()
         cls, now = classify(case, ctx, o, damaged)
-        rows.append({"id": i + 1, "class": case.cls, "what": case.what, "script": case.script,
+        rows.append({"id": i + 1, "class": case.cls, "what": case.what,
+                     "script": case.script + (" (subprocess)" if case.subprocess else ""),
                      "outcome": cls, "now": now, "seconds": round(o.seconds, 2),
                      "late": bool(case.early and o.loads and cls == "clear error")})
         log(f"[{i + 1:3d}/{len(cases)}] {cls:17s} {o.seconds:5.1f}s  {case.script}: {case.what}"
@@ -930,7 +931,8 @@ def markdown(rows: list[dict], seconds: float) -> list[str]:
     counts = {c: sum(r["outcome"] == c for r in rows) for c in CLASSES}
     lines = C.header("Reliability: bad input and faults through the scripts", [
         f"- {len(rows)} cases on tiny models (tests/hf_tiny.py), each script's `main` run in "
-        f"process as from the shell (a subprocess where marked), {seconds:.0f} s in all",
+        f"process through `deltajax.cli.run` as from the shell (a real subprocess where marked: "
+        f"log output), {seconds:.0f} s in all (2-core CPU shared with other test runs)",
         "- outcome: " + ", ".join(f"{c} **{n}**" for c, n in counts.items()),
         "- clear error = exit 1, one `error: ...` line naming the flag / file / key, no "
         "traceback; handled correctly = exit 0 and the result checked; data loss = an input "
