@@ -10,7 +10,8 @@ for a CPU run (greedy GSM8K generation is the slow part: 400 problems took > 20 
 missing rows. The fine-tune is built by `scripts/finetune.py --base=smollm2
 --out=~/.cache/deltajax/smollm2-gsm8k-ft --steps=60 --batch_size=4 --seq_len=192 --lr=1e-4
 --warmup_steps=6` (~15 min on a 2-core CPU). The table's command line is the scripts/eval.py
-command this runs (the defaults above filled in).
+command this runs (the defaults above filled in; `--overwrite` too, unless `--resume` or
+`--nooverwrite` is given).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ DEFAULTS = {
 def main() -> None:
     given = {a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--")}
     extra = [f"{k}={v}" for k, v in DEFAULTS.items() if k not in given]
+    if not given & {"--resume", "--overwrite", "--nooverwrite"}:
+        extra.append("--overwrite")  # regenerating the table is the point
     script = REPO / "scripts" / "eval.py"
     sys.argv = [str(script), *extra, *sys.argv[1:]]
     runpy.run_path(str(script), run_name="__main__")

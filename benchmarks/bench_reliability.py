@@ -427,6 +427,84 @@ def _truncated_safetensors(ctx):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
+def _edit_tensor(key, fn):
+    """A setup: a private copy of HF dir `key` whose first projection weight is fn(w)."""
+    def setup(ctx):
+        from safetensors.numpy import load_file, save_file
+
+        c = ctx.ws.copy(key, ctx.tmp)
+        ctx.copies[key] = c
+        f = c / "model.safetensors"
+        t = load_file(f)
+        name = "model.layers.0.self_attn.q_proj.weight"
+        t[name] = fn(t[name].copy())
+        save_file(t, f, metadata={"format": "pt"})
+    return setup
+
+
+def _nan_weight(w):
+    w[0, :3] = float("nan")
+    return w
+
+
+def _huge_weight(w):
+    w[0, 0] = 1e6
+    return w
+
+
+def _nudged_weight(w):
+    w[5, 7] += 1e-3  # one entry of one matrix: another base
+    return w
+
+
+def _rope_both_layouts(kind):
+    def setup(ctx):
+        c = ctx.ws.copy("base", ctx.tmp)
+        ctx.copies["base"] = c
+        cfg = json.loads((c / "config.json").read_text())
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+        cfg["rope_scaling"] = {"linear": {"rope_type": "linear", "factor": 2.0},
+                               "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+                               "yarn": {"rope_type": "yarn", "factor": 2.0,
+                                        "original_max_position_embeddings": 128}}[kind]
+        (c / "config.json").write_text(json.dumps(cfg))
+    return setup
+
+
+def _delta_edit(fn):
+    def setup(ctx):
+        c = ctx.ws.copy("delta", ctx.tmp)
+        ctx.copies["delta"] = c
+        fn(c)
+    return setup
+
+
+def _flip_bytes(c):
+    data = max((p for p in (c / "arrays").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    b = bytearray(data.read_bytes())
+    for i in range(len(b) // 3, len(b) // 3 + 64):
+        b[i] ^= 0xFF
+    data.write_bytes(bytes(b))
+
+
+def _meta_edit(fn):
+    def edit(c):
+        m = json.loads((c / "meta.json").read_text())
+        fn(m)
+        (c / "meta.json").write_text(json.dumps(m))
+    return edit
+
+
+def _set_bits(m):
+    leaf = next(v for v in m["leaves"].values() if v["method"].get("name") == "rtn")
+    leaf["method"]["bits"] = 3
+
+
+def _set_version(m):
+    m["format_version"] = 99
+
+
 def _bad_vocab(ctx):
     c = ctx.ws.copy("base", ctx.tmp)
     ctx.copies["base"] = c
@@ -470,10 +548,40 @@ C0 = "--config.calib_windows=0"
 RTN = ("--config=configs/rtn4.py", "--config.method.group=32")
 GEN = ("--base={base}", "--max_new_tokens=3")
 
+SILENT = "Silently wrong (other helpers' fixes, same table)"
 DATA_LOSS = "Data loss"
 EARLY = "Clear errors, early"
 
 CASES: list[Case] = [
+    # ------------------------------------------------------------------ silently wrong
+    Case(SILENT, "convert: NaN bytes inside a valid safetensors file", "convert.py",
+         ("--hf_dir={tmp}/base-copy", OUT), needles=("q_proj",), setup=_edit_tensor(
+             "base", _nan_weight), check=_no_out()),
+    Case(SILENT, "convert --dtype=float16 of a weight beyond fp16 range", "convert.py",
+         ("--hf_dir={tmp}/base-copy", OUT, "--dtype=float16"), needles=("q_proj",),
+         setup=_edit_tensor("base", _huge_weight), check=_no_out()),
+    Case(SILENT, "generate: --base with one entry changed, --delta of the original", "generate.py",
+         ("--base={tmp}/base-copy", "--delta={delta}", "--prompt=hello"),
+         needles=("--delta", "different base"), setup=_edit_tensor("base", _nudged_weight)),
+    Case(SILENT, "generate: 64 flipped bytes inside a delta's array data", "generate.py",
+         (*GEN, "--delta={tmp}/delta-copy", "--prompt=hello"), needles=("--delta",),
+         setup=_delta_edit(_flip_bytes)),
+    Case(SILENT, "generate: a leaf's bits edited in the delta's meta.json", "generate.py",
+         (*GEN, "--delta={tmp}/delta-copy", "--prompt=hello"), needles=("--delta",),
+         setup=_delta_edit(_meta_edit(_set_bits))),
+    Case(SILENT, "generate: unknown format_version in the delta's meta.json", "generate.py",
+         (*GEN, "--delta={tmp}/delta-copy", "--prompt=hello"),
+         needles=("--delta", "format_version"), setup=_delta_edit(_meta_edit(_set_version))),
+    *[Case(SILENT, f"compress: rope_parameters default + rope_scaling {k} (layouts disagree)",
+           "compress.py", ("--base={tmp}/base-copy", "--finetuned={tmp}/base-copy", OUT, *RTN),
+           needles=("rope",), setup=_rope_both_layouts(k), check=_no_out())
+      for k in ("linear", "dynamic", "yarn")],
+    *[Case(SILENT, f"compress: LowRank --config.method.ratio={r}", "compress.py",
+           (B, F, OUT, "--config=configs/lowrank.py", f"--config.method.ratio={r}"),
+           needles=("ratio",), early=True, check=_no_out()) for r in ("-0.5", "1e-5", "4")],
+    Case(SILENT, "compress: Delta-CoMe --config.method.ratio=1e-5", "compress.py",
+         (B, F, OUT, "--config=configs/deltacome_16.py", "--config.method.ratio=1e-5", C0),
+         needles=("ratio",), check=_no_out()),
     # ----------------------------------------------------------------------- data loss
     Case(DATA_LOSS, "compress --out = --finetuned, --overwrite", "compress.py",
          (B, "--finetuned={copy:ft}", "--out={copy:ft}", "--overwrite", *RTN),
@@ -612,6 +720,9 @@ CASES: list[Case] = [
     Case(EARLY, "compress: a normal run prints no orbax/absl INFO lines", "compress.py",
          (B, F, OUT, *RTN), expect="ok", subprocess=True,
          check=_all(_no_info_lines, _loads_delta)),
+    Case(EARLY, "generate: a run with a delta prints no orbax/absl INFO lines", "generate.py",
+         ("--base={ckpt}", "--delta={delta}", "--prompt=hello", "--max_new_tokens=2"),
+         expect="ok", subprocess=True, check=_all(_no_info_lines, _generated)),
     Case(EARLY, "generate: missing --delta directory", "generate.py",
          (*GEN, "--delta={tmp}/nodelta", "--prompt=hello"),
          needles=("--delta", "does not exist"), early=True),
@@ -805,7 +916,8 @@ def run_cases(cases: list[Case], root: Path, *, log=print) -> list[dict]:
             o = run_script(case.script, argv, env=case.env, cwd=cwd)
         damaged = ws.damaged()
         cls, now = classify(case, ctx, o, damaged)
-        rows.append({"id": i + 1, "class": case.cls, "what": case.what, "script": case.script,
+        rows.append({"id": i + 1, "class": case.cls, "what": case.what,
+                     "script": case.script + (" (subprocess)" if case.subprocess else ""),
                      "outcome": cls, "now": now, "seconds": round(o.seconds, 2),
                      "late": bool(case.early and o.loads and cls == "clear error")})
         log(f"[{i + 1:3d}/{len(cases)}] {cls:17s} {o.seconds:5.1f}s  {case.script}: {case.what}"
@@ -819,7 +931,8 @@ def markdown(rows: list[dict], seconds: float) -> list[str]:
     counts = {c: sum(r["outcome"] == c for r in rows) for c in CLASSES}
     lines = C.header("Reliability: bad input and faults through the scripts", [
         f"- {len(rows)} cases on tiny models (tests/hf_tiny.py), each script's `main` run in "
-        f"process as from the shell (a subprocess where marked), {seconds:.0f} s in all",
+        f"process through `deltajax.cli.run` as from the shell (a real subprocess where marked: "
+        f"log output), {seconds:.0f} s in all (2-core CPU shared with other test runs)",
         "- outcome: " + ", ".join(f"{c} **{n}**" for c, n in counts.items()),
         "- clear error = exit 1, one `error: ...` line naming the flag / file / key, no "
         "traceback; handled correctly = exit 0 and the result checked; data loss = an input "

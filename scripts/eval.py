@@ -181,7 +181,7 @@ def main(argv):
 
     def save_partial(all_rows):
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(E._jsonable({
+        E.write_text_atomic(out_json, json.dumps(E._jsonable({
             "meta": {**meta, "partial": True}, "base": ev.base_metrics,
             "finetune": ev.ft_metrics, "rows": all_rows}), indent=1, allow_nan=False))
 

@@ -527,12 +527,12 @@ def write_report(report: Mapping, md_path, json_path=None, *, header: Sequence[s
     text = "\n".join(lines).rstrip() + "\n"
     Path(md_path).parent.mkdir(parents=True, exist_ok=True)
     if json_path is not None:
-        _write_atomic(json_path, json.dumps(_jsonable(report), indent=1, allow_nan=False))
-    _write_atomic(md_path, text)
+        write_text_atomic(json_path, json.dumps(_jsonable(report), indent=1, allow_nan=False))
+    write_text_atomic(md_path, text)
     return text
 
 
-def _write_atomic(path, text: str) -> None:
+def write_text_atomic(path, text: str) -> None:
     """Write a file through a sibling temporary file and one rename (never half a report)."""
     import os
     import tempfile

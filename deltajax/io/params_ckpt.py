@@ -606,24 +606,41 @@ def _check_finite_leaves(ckpt_dir, params, stored_dtypes, param_dtype, dtype) ->
                          "refusing to use it", name=name, count=n)
 
 
+def _is_failed_read(u) -> bool:
+    """An unraisable left by a failed orbax read: a read coroutine destroyed with its error, or
+    its event loop closed under it."""
+    obj = repr(getattr(u, "object", ""))
+    return "_read_array_index" in obj or "orbax" in obj or (
+        isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value))
+
+
+def _quiet_unraisable_hook(u) -> None:
+    if not _is_failed_read(u):
+        _quiet_unraisable_hook.previous(u)
+
+
 @contextlib.contextmanager
 def quiet_failed_reads() -> Iterator[None]:
-    """When a restore fails, orbax leaves the other reads' failed coroutines to the garbage
-    collector, which prints a traceback for each ("Exception ignored in: <coroutine ...>"):
-    collect them here, silently, so the user sees one error line."""
+    """When a restore fails, orbax's other reads of that restore fail too, in its background
+    event loop, and Python prints a traceback for each ("Exception ignored in: <coroutine
+    _read_array_index_and_device_put ...>", "Event loop is closed"), now or at exit: from the
+    first failure on, those (and only those) are dropped, so the user sees the one error line
+    (``DELTAJAX_TRACEBACK=1`` keeps them)."""
     import gc
     import sys
 
     try:
         yield
-    except BaseException:
-        hook = sys.unraisablehook
-        sys.unraisablehook = lambda _: None
-        try:
-            gc.collect()
-        finally:
-            sys.unraisablehook = hook
-        raise
+    except Exception as e:
+        if os.environ.get("DELTAJAX_TRACEBACK", "") not in ("", "0"):
+            raise
+        if sys.unraisablehook is not _quiet_unraisable_hook:
+            _quiet_unraisable_hook.previous = sys.unraisablehook
+            sys.unraisablehook = _quiet_unraisable_hook
+        # the frames of the failed restore hold the reads' coroutines: collect them now
+        e.__traceback__, e.__context__, e.__cause__ = None, None, None
+        gc.collect()
+        raise e from None
 
 
 # the stored array's key in a TensorStore spec ('path': 'layers.0.mlp.up_proj.weight/') or an
