@@ -60,6 +60,9 @@ FIELDS = {
                    rope_scaling=(("factor", 2.0), ("rope_type", "linear"))),
     "olmo2": dict(norm_layout="post", qk_norm="proj"),
     "phi3": dict(fused_qkv=True, fused_gate_up=True, sliding_window=6),
+    "mixtral": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                      moe_intermediate_size=32, qk_norm="head"),
 }
 
 
@@ -86,6 +89,15 @@ def test_family_logits_delta_and_export(tiny, tokens, tmp_path, family, seed):
     kinds = {n.split(".")[-2] for n in comp if n.startswith("layers.0.")}
     if family == "phi3":
         assert {"qkv_proj", "gate_up_proj"} <= kinds, (seed, kinds)
+    if family in ("mixtral", "qwen3_moe"):  # every expert weight is a compressed delta leaf
+        from deltajax import tree
+
+        experts = [n for n in comp if ".experts." in n]
+        assert len(experts) == 2 * 4 * 3, (seed, experts)
+        assert all(tree.is_projection(n) for n in experts)
+        assert {tree.matrix_type(n) for n in experts} == (
+            {"expert.w1", "expert.w2", "expert.w3"} if family == "mixtral"
+            else {"expert.gate_proj", "expert.up_proj", "expert.down_proj"})
     attached = _logits(delta.attach(params, comp), cfg, tokens)
     merged_params = delta.merge(params, comp)
     merged = _logits(merged_params, cfg, tokens)
