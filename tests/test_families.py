@@ -322,3 +322,31 @@ def test_engine_greedy_equals_generate(fields):
     got = eng.generate(prompts * 2, model=["ft", "ft", E.BASE, E.BASE], max_tokens=10)
     assert [o.token_ids for o in got] == want
     assert want[:2] != want[2:]
+
+
+@pytest.mark.slow
+def test_families_sharded_over_8_devices(tiny):
+    """Gemma 2 (dense) and Mixtral (MoE) loaded, compressed and run over 8 fake CPU devices
+    (data:2, model:4) == one device."""
+    import os
+    import subprocess
+    import sys
+
+    paths = [str(tiny("gemma2")), str(tiny("mixtral"))]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    script = Path(__file__).with_name("families_sharding_check.py")
+    p = subprocess.run([sys.executable, str(script), *paths], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["devices"] == 8
+    for r in res["results"]:
+        assert r["load_maxdiff"] == 0, r
+        assert r["n_sharded_leaves"] > 0, r
+        assert r["same_keys"], r
+        assert r["decompress_maxdiff"] < 1e-6, r
+        assert r["logits_maxdiff"] < 1e-4, r
+        assert r["delta_effect"] > 1e-3, r
+    assert res["results"][1]["model_type"] == "mixtral"
+    assert res["results"][1]["expert_leaves_sharded"] == 2 * 4 * 3
