@@ -98,6 +98,14 @@ def test_family_logits_delta_and_export(tiny, tokens, tmp_path, family, seed):
         assert {tree.matrix_type(n) for n in experts} == (
             {"expert.w1", "expert.w2", "expert.w3"} if family == "mixtral"
             else {"expert.gate_proj", "expert.up_proj", "expert.down_proj"})
+        from deltajax import accounting
+        from deltajax.io import params_ckpt
+
+        acc = accounting.account(comp, params_ckpt.expected_shapes(cfg))
+        expert_types = {k for k in acc["by_type"] if k.startswith("expert.")}
+        assert len(expert_types) == 3 and all(acc["by_type"][k]["leaves"] == 8
+                                              for k in expert_types), acc["by_type"]
+        assert "| expert." in accounting.format_table(acc)
     attached = _logits(delta.attach(params, comp), cfg, tokens)
     merged_params = delta.merge(params, comp)
     merged = _logits(merged_params, cfg, tokens)
@@ -297,8 +305,10 @@ def test_engine_refuses_position_dependent_rope():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fields", [GEMMA2_LIKE, dict(fused_qkv=True, fused_gate_up=True,
-                                                      norm_layout="post", qk_norm="proj")],
-                         ids=["gemma2-like", "phi3-olmo2-like"])
+                                                      norm_layout="post", qk_norm="proj"),
+                                    dict(model_type="mixtral", num_experts=4,
+                                         num_experts_per_tok=2)],
+                         ids=["gemma2-like", "phi3-olmo2-like", "mixtral-like"])
 def test_engine_greedy_equals_generate(fields):
     """The slot engine (per-layer sliding masks, soft-caps, fused projections, a delta per row)
     answers like `generate` on the attached fine-tune."""
@@ -350,3 +360,33 @@ def test_families_sharded_over_8_devices(tiny):
         assert r["delta_effect"] > 1e-3, r
     assert res["results"][1]["model_type"] == "mixtral"
     assert res["results"][1]["expert_leaves_sharded"] == 2 * 4 * 3
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "mixtral"])
+def test_calibrated_gptq(tiny, family, seed):
+    """GPTQ's calibration runs through the family's layers (per-layer attention kinds; fused
+    qkv/gate_up read the inputs of their parts); MoE experts are refused, naming them."""
+    from deltajax.methods import GPTQ
+
+    path = tiny(family)
+    cfg = hf.load_config(path)
+    params = hf.load_params(path, cfg)
+    rng = np.random.default_rng(seed)
+    import jax
+
+    ft = jax.tree.map(lambda w: w + 0.02 * rng.standard_normal(w.shape).astype(np.float32), params)
+    calib = rng.integers(3, cfg.vocab_size, (4, 16))
+    if family == "mixtral":
+        with pytest.raises(ValueError, match="mixture-of-experts.*experts.0.w1"):
+            delta.compress(params, ft, GPTQ(bits=4, group=16), cfg=cfg, calib=calib,
+                           progress=False)
+        return
+    comp = delta.compress(params, ft, GPTQ(bits=4, group=16), cfg=cfg, calib=calib,
+                          progress=False)
+    projs = [n for n in comp if "_proj" in n]
+    assert projs and all(comp[n].method.name == "gptq" for n in projs), (seed, projs)
+    got = _logits(delta.attach(params, comp), cfg, np.asarray(calib))
+    want = _logits(ft, cfg, np.asarray(calib))
+    base = _logits(params, cfg, np.asarray(calib))
+    # the compressed fine-tune is closer to the fine-tune than the base is
+    assert np.abs(got - want).max() < 0.5 * np.abs(base - want).max(), f"seed {seed}"
