@@ -390,3 +390,16 @@ def test_calibrated_gptq(tiny, family, seed):
     base = _logits(params, cfg, np.asarray(calib))
     # the compressed fine-tune is closer to the fine-tune than the base is
     assert np.abs(got - want).max() < 0.5 * np.abs(base - want).max(), f"seed {seed}"
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_moe", "llama_gqa"])
+def test_checkpoint_config_round_trip(tiny, tmp_path, family):
+    """meta.json keeps every family field (and a Llama config writes none of the new ones, so
+    older readers still load it)."""
+    from deltajax.io import params_ckpt
+
+    cfg = hf.load_config(tiny(family))
+    d = json.loads(json.dumps(params_ckpt.config_to_json(cfg)))
+    assert params_ckpt.config_from_json(d) == cfg
+    if family == "llama_gqa":
+        assert not set(d) & set(params_ckpt._FAMILY_FIELDS)
