@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from deltajax.tree import matrix_type
+
 # container field name -> reported part
 PARTS = {
     "planes": "codes", "words": "codes", "codes": "codes",
@@ -58,6 +60,7 @@ def account(compressed: Mapping, param_shapes: Mapping[str, tuple]) -> dict:
     keep_bytes = 0
     lin_params = keep_params = 0
     kept, dropped, by_method = [], [], {}
+    by_type: dict[str, dict[str, int]] = {}
     for name, shape in param_shapes.items():
         n = int(np.prod(shape))
         leaf = compressed.get(name)
@@ -65,6 +68,10 @@ def account(compressed: Mapping, param_shapes: Mapping[str, tuple]) -> dict:
             dropped.append(name)
             continue
         b = container_bytes(leaf.container)
+        t = by_type.setdefault(matrix_type(name), {"leaves": 0, "params": 0, "bytes": 0})
+        t["leaves"] += 1
+        t["params"] += n
+        t["bytes"] += sum(b.values())
         if not leaf.method.on_the_fly:  # Keep: a dense delta merged into the base
             keep_bytes += sum(b.values())
             keep_params += n
@@ -89,6 +96,7 @@ def account(compressed: Mapping, param_shapes: Mapping[str, tuple]) -> dict:
         "total_bytes": total_bytes,
         "total_ratio": 2 * total_params / max(total_bytes, 1),
         "methods": by_method,
+        "by_type": by_type,
         "kept": kept,
         "dropped": dropped,
     }
@@ -113,6 +121,12 @@ def format_table(acc: Mapping) -> str:
     rows.append(f"| kept (bf16 delta: {len(acc['kept'])} leaves) | {_fmt_bytes(acc['kept_bytes'])}"
                 f" | |")
     rows.append(f"| dropped (base used: {len(acc['dropped'])} leaves) | 0 B | |")
+    if acc.get("by_type"):
+        rows += ["", "| matrix type | leaves | params | bytes | ratio vs 16-bit |",
+                 "|---|---:|---:|---:|---:|"]
+        for k, t in sorted(acc["by_type"].items()):
+            rows.append(f"| {k} | {t['leaves']} | {t['params']} | {_fmt_bytes(t['bytes'])} | "
+                        f"{2 * t['params'] / max(t['bytes'], 1):.2f}x |")
     rows.append("")
     rows.append(f"linear-layer ratio vs 16-bit delta: **{acc['linear_ratio']:.2f}x** "
                 f"({acc['linear_params'] / 1e6:.2f} M params); whole-checkpoint ratio: "

@@ -97,6 +97,13 @@ class ModelConfig:
     final_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(logits / cap)
     fused_qkv: bool = False  # Phi-3 self_attn.qkv_proj
     fused_gate_up: bool = False  # Phi-3 mlp.gate_up_proj
+    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is a router ("gate", a linear
+    # hidden -> num_experts) over num_experts GLU experts of moe_intermediate_size; each token
+    # takes the softmax top-k experts (weights renormalized over the k when norm_topk_prob).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = True
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -185,6 +192,11 @@ def param_shapes(cfg: ModelConfig) -> dict:
     elif cfg.qk_norm == "proj":
         a.update(q_norm={"weight": (qd,)}, k_norm={"weight": (kvd,)})
     inter = cfg.intermediate_size
+    if cfg.num_experts:
+        block, (gn, un, dn) = moe_names(cfg)
+        mi = cfg.moe_intermediate_size or inter
+        expert = {gn: proj(mi, d, False), un: proj(mi, d, False), dn: proj(d, mi, False)}
+        moe = {"gate": {"weight": (cfg.num_experts, d)}, "experts": [expert] * cfg.num_experts}
     if cfg.fused_gate_up:
         mlp = {"gate_up_proj": proj(2 * inter, d, cfg.mlp_bias)}
     else:
@@ -199,7 +211,10 @@ def param_shapes(cfg: ModelConfig) -> dict:
         layer["pre_feedforward_layernorm"] = {"weight": (d,)}
     if cfg.norm_layout != "pre":
         layer["post_feedforward_layernorm"] = {"weight": (d,)}
-    layer["mlp"] = mlp
+    if cfg.num_experts:
+        layer[block] = moe
+    else:
+        layer["mlp"] = mlp
     tree = {
         "embed_tokens": {"weight": (cfg.vocab_size, d)},
         "layers": [layer] * cfg.num_hidden_layers,
@@ -292,6 +307,39 @@ def attn_masks(cfg, q_slots, k_slots, k_valid) -> dict[str, jax.Array]:
     return {kd: _attn_mask(cfg, q_slots, k_slots, k_valid, kd) for kd in set(cfg.layer_kinds)}
 
 
+def moe_names(cfg: ModelConfig) -> tuple[str, tuple[str, str, str]]:
+    """(block name, (gate, up, down) names of an expert) in Hugging Face's checkpoint layout."""
+    if cfg.model_type == "mixtral":
+        return "block_sparse_moe", ("w1", "w3", "w2")
+    return "mlp", ("gate_proj", "up_proj", "down_proj")
+
+
+def _act(cfg: ModelConfig, gate: jax.Array, dtype) -> jax.Array:
+    if cfg.hidden_act == "silu":
+        return jax.nn.silu(gate.astype(jnp.float32)).astype(dtype)
+    return jax.nn.gelu(gate, approximate=True)  # gelu_pytorch_tanh
+
+
+def _moe(cfg: ModelConfig, m: dict, x: jax.Array, taps: dict | None) -> jax.Array:
+    """Router + experts, dense by weighting: every expert runs on every token and its output is
+    weighted by the token's routing weight (0 outside its top-k). Exact, E times the FLOPs of a
+    gather; each expert weight goes through `ops.linear`, so expert deltas apply on the fly."""
+    _, (gn, un, dn) = moe_names(cfg)
+    logits = _proj(x, m["gate"]).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    top, idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+    w = jnp.sum(jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32) * top[..., None], -2)
+    if taps is not None:
+        taps.update(gate_up=x)
+    y = jnp.zeros(x.shape, jnp.float32)
+    for e, ex in enumerate(m["experts"]):
+        d = _act(cfg, _proj(x, ex[gn]), x.dtype) * _proj(x, ex[un])
+        y = y + _proj(d, ex[dn]).astype(jnp.float32) * w[..., e : e + 1]
+    return y.astype(x.dtype)
+
+
 def _mlp(cfg: ModelConfig, m: dict, x: jax.Array, taps: dict | None) -> jax.Array:
     if cfg.fused_gate_up:
         gu = _proj(x, m["gate_up_proj"])
@@ -369,7 +417,10 @@ def decoder_layer(
         x = h
     if taps is not None:
         taps["o"] = o
-    y = _mlp(cfg, p["mlp"], x, taps)
+    if cfg.num_experts:
+        y = _moe(cfg, p[moe_names(cfg)[0]], x, taps)
+    else:
+        y = _mlp(cfg, p["mlp"], x, taps)
     if cfg.norm_layout != "pre":
         y = norm(cfg, y, p["post_feedforward_layernorm"]["weight"])
     return h + y, (k, v)

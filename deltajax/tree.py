@@ -31,8 +31,14 @@ MLP_PROJECTIONS = PROJECTIONS[4:]
 # Fused projections (Phi-3): one weight for q/k/v and one for gate/up. Their delta is one
 # matrix to every method (compressed as a whole, not per logical projection).
 FUSED_PROJECTIONS = ("qkv_proj", "gate_up_proj")
-PROJ_PATTERN = r"(^|\.)(q|k|v|o|gate|up|down|qkv|gate_up)_proj\.weight$"
-MLP_PATTERN = r"(^|\.)(gate|up|down|gate_up)_proj\.weight$"
+# Experts of a mixture-of-experts layer are projections too: Qwen3-MoE's
+# ``mlp.experts.<e>.{gate,up,down}_proj`` match the names above, Mixtral's
+# ``block_sparse_moe.experts.<e>.w1 (gate) / w3 (up) / w2 (down)`` the alternative below. The
+# router (``gate.weight``) is not: it is a small, sensitive hidden -> experts matrix.
+PROJ_PATTERN = (
+    r"(^|\.)(q|k|v|o|gate|up|down|qkv|gate_up)_proj\.weight$|(^|\.)experts\.\d+\.w[123]\.weight$"
+)
+MLP_PATTERN = r"(^|\.)(gate|up|down|gate_up)_proj\.weight$|(^|\.)experts\.\d+\.w[123]\.weight$"
 LM_HEAD = "lm_head.weight"
 EMBEDDING = "embed_tokens.weight"
 
@@ -84,7 +90,11 @@ def is_linear(name: str) -> bool:
 
 
 def matrix_type(name: str) -> str:
-    """'q_proj' ... 'down_proj' for a projection weight; else the leaf's first name part."""
+    """'q_proj' ... 'down_proj' for a projection weight ('expert.gate_proj', 'expert.w1', ... for
+    a mixture-of-experts expert); else the leaf's first name part."""
+    m = re.search(r"\.experts\.\d+\.(\w+)\.weight$", name)
+    if m:
+        return f"expert.{m.group(1)}"
     m = re.search(r"(\w+_proj)\.weight$", name)
     return m.group(1) if m else name.split(".")[0]
 

@@ -22,7 +22,8 @@ import transformers
 
 FAMILIES = ("llama_mha", "llama_gqa", "llama_mqa", "mistral", "qwen2", "smollm_tied", "llama3_rope")
 # Families beyond the Llama layout (one forward, different ModelConfig fields).
-NEW_FAMILIES = ("qwen3", "qwen2_sliding", "gemma", "gemma2", "gemma3", "olmo2", "phi3")
+NEW_FAMILIES = ("qwen3", "qwen2_sliding", "gemma", "gemma2", "gemma3", "olmo2", "phi3",
+                "mixtral", "qwen3_moe")
 
 _BASE = dict(
     vocab_size=128,
@@ -113,6 +114,13 @@ def tiny_hf_config(family: str, *, tie: bool = False, **overrides: Any):
     elif family == "phi3":
         cls = transformers.Phi3Config
         kw.update(sliding_window=6)
+    elif family == "mixtral":  # 4 experts, top 2
+        cls = transformers.MixtralConfig
+        kw.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)
+    elif family == "qwen3_moe":  # 4 experts, top 2, weights not renormalized
+        cls = transformers.Qwen3MoeConfig
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
+                  norm_topk_prob=False)
     else:
         raise ValueError(
             f"unknown tiny family {family!r}; choose from {FAMILIES + NEW_FAMILIES}"

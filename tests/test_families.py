@@ -60,6 +60,9 @@ FIELDS = {
                    rope_scaling=(("factor", 2.0), ("rope_type", "linear"))),
     "olmo2": dict(norm_layout="post", qk_norm="proj"),
     "phi3": dict(fused_qkv=True, fused_gate_up=True, sliding_window=6),
+    "mixtral": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                      moe_intermediate_size=32, qk_norm="head"),
 }
 
 
@@ -86,6 +89,23 @@ def test_family_logits_delta_and_export(tiny, tokens, tmp_path, family, seed):
     kinds = {n.split(".")[-2] for n in comp if n.startswith("layers.0.")}
     if family == "phi3":
         assert {"qkv_proj", "gate_up_proj"} <= kinds, (seed, kinds)
+    if family in ("mixtral", "qwen3_moe"):  # every expert weight is a compressed delta leaf
+        from deltajax import tree
+
+        experts = [n for n in comp if ".experts." in n]
+        assert len(experts) == 2 * 4 * 3, (seed, experts)
+        assert all(tree.is_projection(n) for n in experts)
+        assert {tree.matrix_type(n) for n in experts} == (
+            {"expert.w1", "expert.w2", "expert.w3"} if family == "mixtral"
+            else {"expert.gate_proj", "expert.up_proj", "expert.down_proj"})
+        from deltajax import accounting
+        from deltajax.io import params_ckpt
+
+        acc = accounting.account(comp, params_ckpt.expected_shapes(cfg))
+        expert_types = {k for k in acc["by_type"] if k.startswith("expert.")}
+        assert len(expert_types) == 3 and all(acc["by_type"][k]["leaves"] == 8
+                                              for k in expert_types), acc["by_type"]
+        assert "| expert." in accounting.format_table(acc)
     attached = _logits(delta.attach(params, comp), cfg, tokens)
     merged_params = delta.merge(params, comp)
     merged = _logits(merged_params, cfg, tokens)
@@ -139,8 +159,13 @@ def _to_legacy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("layout", ["rope_parameters", "rope_scaling"])
-@pytest.mark.parametrize("kind", list(ROPES))
+_SLOW = pytest.mark.slow
+ROPE_CASES = [pytest.param(k, lay, marks=_SLOW if (lay == "rope_scaling" and k in (
+    "yarn_opts", "llama3", "dynamic")) else ()) for k in ROPES
+    for lay in ("rope_parameters", "rope_scaling")]
+
+
+@pytest.mark.parametrize("kind,layout", ROPE_CASES)
 def test_rope_types_match_transformers(tiny, tokens, tmp_path, kind, layout):
     # max_position_embeddings 8 < SEQ: dynamic grows its base, longrope (original 8) goes long
     path = tiny("llama_gqa", f"-rope-{kind}", rope_parameters=dict(ROPES[kind], rope_theta=500.0),
@@ -153,11 +178,13 @@ def test_rope_types_match_transformers(tiny, tokens, tmp_path, kind, layout):
     assert cfg.rope_theta == 500.0
     params = hf.load_params(path, cfg)
     model = load_hf_model(path)
-    for t in (SEQ, 6):  # long and short calls (dynamic/longrope switch on the length)
+    lengths = (SEQ, 6) if kind in ("dynamic", "longrope") else (SEQ,)
+    for t in lengths:  # long and short calls (dynamic/longrope switch on the length)
         ours = _logits(params, cfg, tokens[:, :t])
         ref = hf_logits(model, tokens[:, :t])
         np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0, err_msg=f"t={t}")
-        model = load_hf_model(path)  # a fresh object: transformers' dynamic RoPE keeps state
+        if len(lengths) > 1:
+            model = load_hf_model(path)  # a fresh object: transformers' dynamic RoPE keeps state
     # the scaling matters: plain RoPE gives other logits
     import dataclasses
 
@@ -241,7 +268,9 @@ def test_family_defaults_follow_transformers():
 # ----------------------------------------------------------------------------- decode and serving
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen2_sliding", "phi3", "olmo2"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_sliding",
+                                    *(pytest.param(f, marks=_SLOW) for f in
+                                      ("gemma2", "phi3", "olmo2"))])
 def test_cached_decode_equals_full_forward(tiny, tokens, family):
     """Prefill + one token at a time through the KV cache (generate's path) == one full forward,
     with the per-layer sliding masks and RoPE bases."""
@@ -285,8 +314,10 @@ def test_engine_refuses_position_dependent_rope():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fields", [GEMMA2_LIKE, dict(fused_qkv=True, fused_gate_up=True,
-                                                      norm_layout="post", qk_norm="proj")],
-                         ids=["gemma2-like", "phi3-olmo2-like"])
+                                                      norm_layout="post", qk_norm="proj"),
+                                    dict(model_type="mixtral", num_experts=4,
+                                         num_experts_per_tok=2)],
+                         ids=["gemma2-like", "phi3-olmo2-like", "mixtral-like"])
 def test_engine_greedy_equals_generate(fields):
     """The slot engine (per-layer sliding masks, soft-caps, fused projections, a delta per row)
     answers like `generate` on the attached fine-tune."""
@@ -310,3 +341,74 @@ def test_engine_greedy_equals_generate(fields):
     got = eng.generate(prompts * 2, model=["ft", "ft", E.BASE, E.BASE], max_tokens=10)
     assert [o.token_ids for o in got] == want
     assert want[:2] != want[2:]
+
+
+@pytest.mark.slow
+def test_families_sharded_over_8_devices(tiny):
+    """Gemma 2 (dense) and Mixtral (MoE) loaded, compressed and run over 8 fake CPU devices
+    (data:2, model:4) == one device."""
+    import os
+    import subprocess
+    import sys
+
+    paths = [str(tiny("gemma2")), str(tiny("mixtral"))]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    script = Path(__file__).with_name("families_sharding_check.py")
+    p = subprocess.run([sys.executable, str(script), *paths], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["devices"] == 8
+    for r in res["results"]:
+        assert r["load_maxdiff"] == 0, r
+        assert r["n_sharded_leaves"] > 0, r
+        assert r["same_keys"], r
+        assert r["decompress_maxdiff"] < 1e-6, r
+        assert r["logits_maxdiff"] < 1e-4, r
+        assert r["delta_effect"] > 1e-3, r
+    assert res["results"][1]["model_type"] == "mixtral"
+    assert res["results"][1]["expert_leaves_sharded"] == 2 * 4 * 3
+
+
+@pytest.mark.parametrize("family", [pytest.param("gemma2", marks=_SLOW), "phi3", "mixtral"])
+def test_calibrated_gptq(tiny, family, seed):
+    """GPTQ's calibration runs through the family's layers (per-layer attention kinds; fused
+    qkv/gate_up read the inputs of their parts); MoE experts are refused, naming them."""
+    from deltajax.methods import GPTQ
+
+    path = tiny(family)
+    cfg = hf.load_config(path)
+    params = hf.load_params(path, cfg)
+    rng = np.random.default_rng(seed)
+    import jax
+
+    ft = jax.tree.map(lambda w: w + 0.02 * rng.standard_normal(w.shape).astype(np.float32), params)
+    calib = rng.integers(3, cfg.vocab_size, (4, 16))
+    if family == "mixtral":
+        with pytest.raises(ValueError, match="mixture-of-experts.*experts.0.w1"):
+            delta.compress(params, ft, GPTQ(bits=4, group=16), cfg=cfg, calib=calib,
+                           progress=False)
+        return
+    comp = delta.compress(params, ft, GPTQ(bits=4, group=16), cfg=cfg, calib=calib,
+                          progress=False)
+    projs = [n for n in comp if "_proj" in n]
+    assert projs and all(comp[n].method.name == "gptq" for n in projs), (seed, projs)
+    got = _logits(delta.attach(params, comp), cfg, np.asarray(calib))
+    want = _logits(ft, cfg, np.asarray(calib))
+    base = _logits(params, cfg, np.asarray(calib))
+    # the compressed fine-tune is closer to the fine-tune than the base is
+    assert np.abs(got - want).max() < 0.5 * np.abs(base - want).max(), f"seed {seed}"
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_moe", "llama_gqa"])
+def test_checkpoint_config_round_trip(tiny, tmp_path, family):
+    """meta.json keeps every family field (and a Llama config writes none of the new ones, so
+    older readers still load it)."""
+    from deltajax.io import params_ckpt
+
+    cfg = hf.load_config(tiny(family))
+    d = json.loads(json.dumps(params_ckpt.config_to_json(cfg)))
+    assert params_ckpt.config_from_json(d) == cfg
+    if family == "llama_gqa":
+        assert not set(d) & set(params_ckpt._FAMILY_FIELDS)

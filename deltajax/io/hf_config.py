@@ -35,7 +35,10 @@ ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
+_MOE = ("mixtral", "qwen3_moe")
 
 # transformers 5's defaults for attributes a config.json may omit (they change the math).
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -66,6 +69,13 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                   max_position_embeddings=2048, rope_theta=10000.0),
     "phi3": dict(rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
                  max_position_embeddings=4096, rope_theta=10000.0, sliding_window=None),
+    "mixtral": dict(rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
+                    max_position_embeddings=131072, rope_theta=1_000_000.0, sliding_window=None,
+                    num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_moe": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
+                      max_position_embeddings=32768, rope_theta=10000.0, sliding_window=4096,
+                      use_sliding_window=False, num_local_experts=128, num_experts_per_tok=8,
+                      moe_intermediate_size=768, norm_topk_prob=False, decoder_sparse_step=1),
 }
 
 # Attributes of other architectures that change the math; refused unless neutral.
@@ -93,6 +103,9 @@ _FOREIGN_MATH_ATTRS = (
 )
 # What each family reads itself (so it is not checked as foreign).
 _OWN_ATTRS = {
+    "mixtral": {"num_local_experts"},
+    "qwen3_moe": {"use_sliding_window", "num_local_experts", "num_experts",
+                  "moe_intermediate_size", "mlp_only_layers"},
     "qwen2": {"use_sliding_window"},
     "qwen3": {"use_sliding_window"},
     "gemma2": {"attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"},
@@ -107,7 +120,8 @@ _OWN_ATTRS = {
 _NEUTRAL = (None, False, 1, 1.0, {}, [])
 
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
-_ATTENTION_BIAS_ALL = ("gemma", "gemma2", "gemma3_text", "qwen3", "olmo2")  # q/k/v/o together
+# q/k/v/o biases together
+_ATTENTION_BIAS_ALL = ("gemma", "gemma2", "gemma3_text", "qwen3", "olmo2", "qwen3_moe")
 
 
 def _unsupported(attr: str, value: Any, why: str = "") -> ValueError:
@@ -329,8 +343,11 @@ def _layer_types(hf: Mapping, mt: str, n_layers: int) -> tuple[tuple[str, ...] |
             lt = tuple(
                 "sliding_attention" if (i + 1) % pat else "full_attention" for i in range(n_layers)
             )
-    elif mt in ("mistral", "phi3"):
+    elif mt in ("mistral", "phi3", "mixtral", "qwen3_moe"):
         # every layer uses the window (when set)
+        if mt == "qwen3_moe" and not _bool(_get(hf, mt, "use_sliding_window"),
+                                           "use_sliding_window"):
+            window = None
         if lt is not None and any(t != "full_attention" for t in lt):
             raise _unsupported("layer_types", list(lt), f"{mt} has no per-layer attention kinds")
         lt = None
@@ -469,7 +486,7 @@ def load_config(src: str | os.PathLike | Mapping | Any) -> ModelConfig:
     elif mt in _ATTENTION_BIAS_ALL:
         attention_bias = o_proj_bias = _bool(hf.get("attention_bias", False), "attention_bias")
     for k in ("attention_bias", "mlp_bias"):
-        if mt in ("mistral", "phi3", "qwen2") and hf.get(k):
+        if mt in ("mistral", "phi3", "qwen2", "mixtral") and hf.get(k):
             raise _unsupported(k, hf[k], f"{mt} has no such biases")
     if mt != "llama" and hf.get("mlp_bias"):
         raise _unsupported("mlp_bias", hf["mlp_bias"], f"{mt} has no MLP biases")
@@ -513,6 +530,25 @@ def load_config(src: str | os.PathLike | Mapping | Any) -> ModelConfig:
         kwargs.update(norm_layout="post", qk_norm="proj")
     if mt == "phi3":
         kwargs.update(fused_qkv=True, fused_gate_up=True)
+    if mt in _MOE:
+        n_exp = hf.get("num_local_experts", hf.get("num_experts"))
+        n_exp = _int(n_exp if n_exp is not None else _DEFAULTS[mt]["num_local_experts"],
+                     "num_local_experts")
+        k = _int(_get(hf, mt, "num_experts_per_tok"), "num_experts_per_tok")
+        if k > n_exp:
+            raise ValueError(f"num_experts_per_tok: {k} exceeds num_local_experts={n_exp}")
+        kwargs.update(num_experts=n_exp, num_experts_per_tok=k)
+        if mt == "qwen3_moe":
+            kwargs["qk_norm"] = "head"
+            kwargs["moe_intermediate_size"] = _int(
+                _get(hf, mt, "moe_intermediate_size"), "moe_intermediate_size")
+            kwargs["norm_topk_prob"] = _bool(_get(hf, mt, "norm_topk_prob"), "norm_topk_prob")
+            step = _int(_get(hf, mt, "decoder_sparse_step"), "decoder_sparse_step")
+            if step != 1:
+                raise _unsupported("decoder_sparse_step", step, "only every layer sparse (1)")
+            if hf.get("mlp_only_layers"):
+                raise _unsupported("mlp_only_layers", hf["mlp_only_layers"],
+                                   "dense layers inside a MoE model are not implemented")
     return ModelConfig(**kwargs)
 
 
@@ -575,7 +611,7 @@ def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict:
             )
         d["attention_bias"] = cfg.attention_bias
         d["mlp_bias"] = cfg.mlp_bias
-    elif mt in ("mistral", "phi3"):
+    elif mt in ("mistral", "phi3", "mixtral"):
         if any(biases):
             raise ValueError(f"{mt} has no biases; got attention/o_proj/mlp bias = {biases}")
         d["sliding_window"] = cfg.sliding_window
@@ -590,6 +626,16 @@ def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict:
                 f"{mt} needs o_proj_bias == attention_bias and no MLP bias, got {biases}"
             )
         d["attention_bias"] = cfg.attention_bias
+    if mt in _MOE:
+        d["num_local_experts"] = cfg.num_experts
+        d["num_experts_per_tok"] = cfg.num_experts_per_tok
+        d["sliding_window"] = cfg.sliding_window
+    if mt == "qwen3_moe":
+        d["moe_intermediate_size"] = cfg.moe_intermediate_size
+        d["norm_topk_prob"] = cfg.norm_topk_prob
+        d["use_sliding_window"] = cfg.sliding_window is not None
+        d["decoder_sparse_step"] = 1
+        d["mlp_only_layers"] = []
     if mt in ("qwen2", "qwen3"):
         d["use_sliding_window"] = cfg.sliding_window is not None
         d["sliding_window"] = cfg.sliding_window
@@ -604,7 +650,7 @@ def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict:
     elif cfg.layer_types is not None and any(t != cfg.layer_types[0] for t in cfg.layer_types):
         raise ValueError(f"{mt} cannot express per-layer attention kinds {cfg.layer_types}")
     if cfg.sliding_window is not None and mt not in (
-        "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3_text"
+        "mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"
     ):
         raise ValueError(f"{mt} cannot express sliding_window={cfg.sliding_window}")
     if mt == "gemma3_text":
@@ -630,7 +676,9 @@ def load_config_fields_for(mt: str) -> dict[str, Any]:
         "norm_offset": gemma,
         "embed_scale": gemma,
         "norm_layout": "sandwich" if sandwich else "post" if mt == "olmo2" else "pre",
-        "qk_norm": "head" if mt in ("qwen3", "gemma3_text") else "proj" if mt == "olmo2" else None,
+        "qk_norm": "head" if mt in ("qwen3", "gemma3_text", "qwen3_moe")
+        else "proj" if mt == "olmo2" else None,
+        "num_experts": _ANY if mt in _MOE else 0,
         "fused_qkv": mt == "phi3",
         "fused_gate_up": mt == "phi3",
         "query_pre_attn_scalar": _ANY if sandwich else None,

@@ -379,11 +379,28 @@ def resolve_sharding(sharding: ShardingSpec, name: str, shape: tuple[int, ...]):
 # ----------------------------------------------------------------------------- ModelConfig <-> JSON
 
 
+# Fields added with the families beyond Llama/Mistral/Qwen2: written only when they differ from
+# their default, so a checkpoint of those three stays readable by an older deltajax.
+_FAMILY_FIELDS = (
+    "layer_types", "sliding_rope_theta", "sliding_rope_scaling", "hidden_act", "norm_offset",
+    "embed_scale", "norm_layout", "qk_norm", "query_pre_attn_scalar", "attn_logit_softcapping",
+    "final_logit_softcapping", "fused_qkv", "fused_gate_up", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "norm_topk_prob",
+)
+
+
 def config_to_json(cfg: ModelConfig) -> dict:
     """ModelConfig as a JSON-able dict (rope_scaling as a {key: value} dict)."""
     d = dataclasses.asdict(cfg)
-    if cfg.rope_scaling is not None:
-        d["rope_scaling"] = {k: _jsonable(v) for k, v in cfg.rope_scaling}
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for k in _FAMILY_FIELDS:
+        if d[k] == defaults[k]:
+            del d[k]
+    for k in ("rope_scaling", "sliding_rope_scaling"):
+        if d.get(k) is not None:
+            d[k] = {a: _jsonable(v) for a, v in getattr(cfg, k)}
+    if d.get("layer_types") is not None:
+        d["layer_types"] = list(d["layer_types"])
     return d
 
 
@@ -400,8 +417,11 @@ def config_from_json(d: Mapping) -> ModelConfig:
             f"config has fields this deltajax ({library_version()}) does not know: {unknown}"
         )
     d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = tuple(sorted((k, _hashable(v)) for k, v in d["rope_scaling"].items()))
+    for k in ("rope_scaling", "sliding_rope_scaling"):
+        if d.get(k) is not None:
+            d[k] = tuple(sorted((a, _hashable(v)) for a, v in d[k].items()))
+    if d.get("layer_types") is not None:
+        d["layer_types"] = tuple(d["layer_types"])
     try:
         return ModelConfig(**d)
     except TypeError as e:

@@ -247,8 +247,10 @@ PARAM_RULES: tuple[ShardRule, ...] = (
     ShardRule(r"(^|\.)(q|k|v|gate|up)_proj\.bias$", "column", "d_out over model"),
     ShardRule(r"(^|\.)(o|down)_proj\.weight$", "row", "d_in over model (output all-reduced)"),
     ShardRule(r"(^|\.)(o|down)_proj\.bias$", "replicated", "added after the all-reduce"),
+    ShardRule(r"(^|\.)experts\.\d+\.w[13]\.weight$", "column", "Mixtral expert gate/up"),
+    ShardRule(r"(^|\.)experts\.\d+\.w2\.weight$", "row", "Mixtral expert down"),
     ShardRule(r"^(embed_tokens|lm_head)\.weight$", "vocab", "vocab over model, else hidden"),
-    ShardRule(r".*", "replicated", "norms and anything else"),
+    ShardRule(r".*", "replicated", "norms, routers, fused qkv/gate_up (Phi-3) and anything else"),
 )
 """The documented per-path sharding rules (first match wins)."""
 

@@ -87,7 +87,10 @@ log = logging.getLogger(__name__)
 BASE = "base"
 LINEAR, VECTOR, EMBED = "linear", "vector", "embed"
 EMBED_NAME = "embed_tokens.weight"
-_LINEAR_RE = re.compile(r"(_proj\.weight|^lm_head\.weight)$")
+# every weight the model multiplies through ops.linear: projections (fused ones and MoE experts
+# included), MoE routers ("gate.weight") and an untied head
+_LINEAR_RE = re.compile(
+    r"(_proj\.weight|^lm_head\.weight|\.experts\.\d+\.w[123]\.weight|\.gate\.weight)$")
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 

@@ -46,12 +46,25 @@ from deltajax.tree import flatten, rule_for
 _HI = jax.lax.Precision.HIGHEST
 
 # (tap name, projections reading that input), in true-sequential order
+# (fused Phi-3 qkv_proj / gate_up_proj read the same inputs as their parts)
 SUBBLOCKS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj")),
     ("o", ("self_attn.o_proj",)),
-    ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+    ("gate_up", ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj")),
     ("down", ("mlp.down_proj",)),
 )
+
+
+def layer_projections(lp: dict, projs) -> list[str]:
+    """The names of `projs` ("self_attn.q_proj", ...) that layer params `lp` has."""
+    def has(path):
+        node = lp
+        for k in path.split("."):
+            if not isinstance(node, dict) or k not in node:
+                return False
+            node = node[k]
+        return True
+    return [p for p in projs if has(p)]
 
 
 def _zero_sums(k: int):
@@ -342,6 +355,11 @@ def sequential_compress(
         else:
             out[name] = compress_leaf(r.method, name, delta_of(name), key=key)
     log(f"[calibrate] {len(out)} leaves data-free, {len(calibrated)} calibrated")
+    if calibrated and cfg.num_experts:
+        raise ValueError(
+            f"calibrated methods are not implemented for mixture-of-experts models "
+            f"({cfg.model_type}: expert inputs depend on the routing); use a data-free method "
+            f"for {calibrated[:2]} ...")
 
     # the model the calibration runs: compressed where known, fine-tune elsewhere
     def current(name):
@@ -422,14 +440,15 @@ def collect_stats(params: Mapping, cfg: M.ModelConfig, tokens, *, token_mask=Non
     tmask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
     hidden = M.embed(params, tokens, cfg=cfg)
     out = {}
-    taps = tuple(t for t, _ in SUBBLOCKS)
     for i in tqdm(range(cfg.num_hidden_layers), desc="statistics", unit="layer",
                   disable=not progress):
         lp = params["layers"][i]
+        # MoE layers: no statistics for the experts (their inputs depend on the routing)
+        taps = tuple(t for t, projs in SUBBLOCKS if layer_projections(lp, projs))
         st = capture_layer_stats(cfg, lp, hidden, tmask, taps=taps, batch_size=batch_size,
                                  pool_size=pool_size, kind=cfg.layer_kind(i))
         for tap, projs in SUBBLOCKS:
-            for p in projs:
+            for p in layer_projections(lp, projs):
                 out[f"layers.{i}.{p}.weight"] = st[tap]
         hidden = layer_forward(cfg, lp, hidden, tmask, batch_size=batch_size,
                                kind=cfg.layer_kind(i))

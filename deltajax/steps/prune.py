@@ -105,6 +105,8 @@ def prune_model(
     tokens = jnp.asarray(tokens, jnp.int32)
     tmask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
     out = jax.tree.map(lambda x: x, params)
+    if cfg.num_experts:
+        raise ValueError(f"prune: mixture-of-experts models ({cfg.model_type}) are not supported")
     hidden = M.embed(params, tokens, cfg=cfg)
     zeros = total = 0
     eps_by: dict[str, list] = {}
@@ -115,7 +117,7 @@ def prune_model(
         stats = calibrate.capture_layer_stats(cfg, lp, hidden, tmask, taps=taps,
                                               batch_size=batch_size, kind=cfg.layer_kind(i))
         for j, (tap, projs) in enumerate(calibrate.SUBBLOCKS):
-            for jj, p in enumerate(projs):
+            for jj, p in enumerate(calibrate.layer_projections(lp, projs)):
                 w = _get(lp, f"{p}.weight")
                 do = refine and (refine_mlp or p not in MLP)
                 wp, keep, e0, e1 = prune_matrix(
