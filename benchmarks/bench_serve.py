@@ -118,7 +118,7 @@ def make_step(cfg):
         valid = jax.lax.dynamic_update_slice(valid, jnp.ones((b, 1), bool), (0, write_at))
         pos = jnp.sum(valid, axis=1, dtype=jnp.int32)[:, None] - 1
         mask = M._attn_mask(cfg, write_at + jnp.arange(1), jnp.arange(valid.shape[1]), valid)
-        h = M.embed(top, tok)
+        h = M.embed(top, tok, cfg=cfg)
 
         def body(h, xs):
             lp, k, v = xs

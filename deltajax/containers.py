@@ -21,7 +21,7 @@ The packed format of codes is `pallas_kernels.packing`'s: codes along the contra
 uint32 words ``(K_pad·b/32, N)``, 3 bits as a 2-bit + 1-bit plane, group-wise scales (and zeros).
 
 This module also holds the two wrappers every later step passes around: `DeltaLeaf` (a method +
-its container + the delta's shape) and `DeltaWeight` (a base weight + a `DeltaLeaf`, applied on
+its container + the delta's shape; `ops.DeltaWeight` pairs one with a base weight, applied on
 the fly by `ops.linear`), and `LinearStats`, the calibration statistics a method receives.
 """
 
@@ -37,7 +37,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from deltajax import ops
 from deltajax import tree as T
 from deltajax.errors import NonFiniteError
 from deltajax.parallel import sharding as sh
@@ -592,20 +591,6 @@ class DeltaLeaf(T.Leaf):
         """This leaf with its container in the layout to serve from (`Container.serving_form`)."""
         c = self.container.serving_form(dtype)
         return self if c is self.container else dataclasses.replace(self, container=c)
-
-
-@flax.struct.dataclass
-class DeltaWeight(ops.BaseWeight):
-    """A linear weight = dense base `(out, in)` + a compressed delta applied on the fly."""
-
-    base: jax.Array
-    delta: DeltaLeaf
-
-    def apply(self, x: jax.Array) -> jax.Array:
-        return ops.dense_matmul(x, self.base) + self.delta.matmul(x).astype(x.dtype)
-
-    def dense(self) -> jax.Array:
-        return (self.base.astype(jnp.float32) + self.delta.decompress()).astype(self.base.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("method",))

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from deltajax import accounting, data
 from deltajax.config import RunConfig, as_run_config
-from deltajax.containers import DeltaLeaf, DeltaWeight, compress_leaf
+from deltajax.containers import DeltaLeaf, compress_leaf
 from deltajax.errors import BudgetError, NonFiniteError
 from deltajax.methods import Method, default_rules
+from deltajax.ops import DeltaWeight
 from deltajax.parallel import sharded
 from deltajax.serve import multitenant
 from deltajax.steps import calibrate

@@ -14,7 +14,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-__all__ = ["BudgetError", "NonFiniteError", "check_finite_host", "count_nonfinite"]
+__all__ = ["BudgetError", "CheckpointError", "NonFiniteError", "check_finite_host",
+           "count_nonfinite"]
 
 
 class NonFiniteError(ValueError):
@@ -96,3 +97,14 @@ def check_finite_host(arr: np.ndarray, name: str, *, where: str = "", source=Non
             "or a diverged fine-tune); refusing to use it"
         )
     raise NonFiniteError(msg, name=name, count=n)
+
+class CheckpointError(ValueError):
+    """A checkpoint (files or params tree) is malformed; `problems` lists every issue found.
+    (Raised by `deltajax.io`; defined here, at the bottom layer, so every reader can raise it.)"""
+
+    def __init__(self, source, problems: list[str]):
+        self.source = str(source)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        n = len(self.problems)
+        super().__init__(f"{self.source}: {n} problem{'s' if n != 1 else ''}:\n{lines}")

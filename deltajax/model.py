@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -516,3 +517,20 @@ def forward(
 def forward_jit(params, tokens, cfg, attention_mask=None):
     """Jitted full-sequence logits (no cache)."""
     return forward(params, tokens, cfg, attention_mask=attention_mask)[0]
+
+
+def hashable(v: Any) -> Any:
+    """A JSON value as a hashable one (lists -> tuples, mappings -> sorted item tuples): how
+    `ModelConfig` stores nested config values such as `rope_scaling`."""
+    if isinstance(v, (list, tuple)):
+        return tuple(hashable(x) for x in v)
+    if isinstance(v, Mapping):
+        return tuple(sorted((k, hashable(x)) for k, x in v.items()))
+    return v
+
+
+def jsonable(v: Any) -> Any:
+    """The inverse of `hashable` for tuples (back to lists) for writing JSON."""
+    if isinstance(v, tuple):
+        return [jsonable(x) for x in v]
+    return v

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol, runtime_checkable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +41,21 @@ class BaseWeight(Leaf):
     @property
     def dtype(self):
         return self.base.dtype
+
+
+@flax.struct.dataclass
+class DeltaWeight(BaseWeight):
+    """A linear weight = dense base `(out, in)` + a compressed delta (`containers.DeltaLeaf`)
+    applied on the fly: `y = x @ base.T + delta.matmul(x)`."""
+
+    base: jax.Array
+    delta: Any  # containers.DeltaLeaf (not imported: containers sit above ops)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return dense_matmul(x, self.base) + self.delta.matmul(x).astype(x.dtype)
+
+    def dense(self) -> jax.Array:
+        return (self.base.astype(jnp.float32) + self.delta.decompress()).astype(self.base.dtype)
 
 
 def _precision(dtype) -> jax.lax.Precision:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltajax import accounting, containers, delta
+from deltajax import accounting, containers, delta, ops
 from deltajax import model as M
 from deltajax import tree as T
 from deltajax.config import RunConfig
@@ -184,7 +184,7 @@ def test_attach_forward_equals_merge_forward(pair, key):
     comp = delta.compress(base, ft, RTN4, progress=False)
     attached = delta.attach(base, comp)
     w = attached["layers"][0]["self_attn"]["q_proj"]["weight"]
-    assert isinstance(w, containers.DeltaWeight)
+    assert isinstance(w, ops.DeltaWeight)
     merged = delta.merge(base, comp)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(merged))
     tok = _tokens(key)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tiny_pair import perturb, tiny_base
 
-from deltajax import containers, delta
+from deltajax import delta, ops
 from deltajax import model as M
 from deltajax.methods import RTN, BitDelta, LowRank
 from deltajax.serve import generate as G
@@ -257,8 +257,8 @@ def test_attach_prepare_hopper_layout_keeps_logits():
     stored = delta.attach(base, comp, prepare=False)
     prepared = delta.attach(base, comp, prepare=True)
     kinds = {type(w.delta.container).__name__ for w in jax.tree.leaves(
-        prepared, is_leaf=lambda v: isinstance(v, containers.DeltaWeight))
-        if isinstance(w, containers.DeltaWeight)}
+        prepared, is_leaf=lambda v: isinstance(v, ops.DeltaWeight))
+        if isinstance(w, ops.DeltaWeight)}
     assert kinds == {"PreparedMatrix"}
     a = M.forward_jit(stored, tok, CFG128, mask)
     b = M.forward_jit(prepared, tok, CFG128, mask)

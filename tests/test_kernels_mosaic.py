@@ -192,8 +192,8 @@ def test_attached_rtn4_delta_served_by_mosaic_gpu():
 
     from deltajax import delta
     from deltajax import model as M
-    from deltajax.containers import DeltaWeight
     from deltajax.methods import RTN
+    from deltajax.ops import DeltaWeight
 
     cfg = M.ModelConfig(vocab_size=53, hidden_size=256, intermediate_size=512,
                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,

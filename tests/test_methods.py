@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tiny_pair import compress_deltas
 
-from deltajax import accounting, containers, delta, methods
+from deltajax import accounting, containers, delta, methods, ops
 from deltajax import model as M
 from deltajax import tree as T
 from deltajax.io import delta_ckpt as delta_checkpoint
@@ -153,7 +153,7 @@ def test_attached_logits_equal_merged_logits(name):
     comp = compress_deltas(d, make_method(name, **CASES[name][0]), progress=False)
     tok = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
     att = delta.attach(base, comp)
-    assert any(isinstance(x, containers.DeltaWeight) for x in T.flatten(att).values())
+    assert any(isinstance(x, ops.DeltaWeight) for x in T.flatten(att).values())
     la = M.forward(att, tok, cfg)[0]
     lm = M.forward(delta.merge(base, comp), tok, cfg)[0]
     np.testing.assert_allclose(np.asarray(la), np.asarray(lm), atol=2e-4)

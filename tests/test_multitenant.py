@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltajax import containers, delta, methods
+from deltajax import delta, methods, ops
 from deltajax import model as M
 from deltajax import tree as T
 from deltajax.methods import RTN, BitDelta, Keep, LowRank
@@ -105,7 +105,7 @@ def test_mixed_batch_kernels_interpret(pair, impl):
         want = MultiTenantWeight(**kw, implementation="xla").apply(x)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
         for r, t in enumerate([1, -1, 0]):  # = each tenant's own DeltaWeight
-            one = w_base if t < 0 else containers.DeltaWeight(base=w_base, delta=leaves[t])
+            one = w_base if t < 0 else ops.DeltaWeight(base=w_base, delta=leaves[t])
             np.testing.assert_allclose(np.asarray(got[r]), np.asarray(
                 jnp.asarray(x[r] @ w_base.T) if t < 0 else one.apply(x[r])), atol=1e-4)
 
@@ -237,7 +237,7 @@ def test_deltacome_stored_kernel_interpret(pair):
     want = MultiTenantWeight(**kw, implementation="xla").apply(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
     for r, t in enumerate([1, -1, 0]):
-        one = containers.DeltaWeight(base=w_base, delta=leaves[t]).apply(x[r]) if t >= 0 else (
+        one = ops.DeltaWeight(base=w_base, delta=leaves[t]).apply(x[r]) if t >= 0 else (
             x[r] @ w_base.T)
         np.testing.assert_allclose(np.asarray(got[r]), np.asarray(one), atol=1e-4)
     assert np.abs(np.asarray(got[0]) - np.asarray(x[0] @ w_base.T)).max() > 1e-3

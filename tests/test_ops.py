@@ -49,7 +49,7 @@ def test_linear_delta_weight_equals_dense_sum(rng):
     w = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)
     d = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)
     leaf = containers.compress_leaf(RTN(bits=4, group=32), "q_proj.weight", d)
-    dw = containers.DeltaWeight(base=w, delta=leaf)
+    dw = ops.DeltaWeight(base=w, delta=leaf)
     assert isinstance(dw, ops.LinearOperand) and dw.shape == (16, 32)
     dhat = np.asarray(leaf.decompress(), np.float64)
     want = np.asarray(x, np.float64) @ (np.asarray(w, np.float64) + dhat).T

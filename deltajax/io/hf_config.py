@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from deltajax import model as model_lib
 from deltajax import rope as rope_lib
-from deltajax.io import params_ckpt as ckpt_lib
 from deltajax.model import ModelConfig
 
 __all__ = ["ARCHITECTURES", "config_to_hf", "load_config", "read_hf_config"]
@@ -257,7 +256,7 @@ def _rope_items(d: dict, attr: str, head_dim: int) -> tuple[float, tuple | None]
             _float(v, f"{attr}.{k}", positive=k not in ("beta_fast", "beta_slow"))
     if kind == "default":
         return theta, None
-    items = {"rope_type": kind, **{k: ckpt_lib._hashable(v) for k, v in d.items()}}
+    items = {"rope_type": kind, **{k: model_lib.hashable(v) for k, v in d.items()}}
     return theta, tuple(sorted(items.items()))
 
 
@@ -583,7 +582,7 @@ def config_to_hf(cfg: ModelConfig, *, dtype: Any = None) -> dict:
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_scaling": (
-            {k: ckpt_lib._jsonable(v) for k, v in cfg.rope_scaling} if cfg.rope_scaling else None
+            {k: model_lib.jsonable(v) for k, v in cfg.rope_scaling} if cfg.rope_scaling else None
         ),
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deltajax import model as model_lib
+from deltajax.errors import CheckpointError
 from deltajax.model import ModelConfig
 
 __all__ = [
@@ -72,17 +73,6 @@ PARAMS_SUBDIR = "params"
 
 # A single Sharding for every leaf, or a callable (param name, shape) -> Sharding | None.
 ShardingSpec = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], Any] | None
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (files or params tree) is malformed; `problems` lists every issue found."""
-
-    def __init__(self, source: str | os.PathLike, problems: list[str]):
-        self.source = str(source)
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        n = len(self.problems)
-        super().__init__(f"{self.source}: {n} problem{'s' if n != 1 else ''}:\n{lines}")
 
 
 def library_version() -> str:
@@ -428,18 +418,7 @@ def config_from_json(d: Mapping) -> ModelConfig:
         raise ValueError(f"invalid config {d}: {e}") from e
 
 
-def _hashable(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return tuple(_hashable(x) for x in v)
-    if isinstance(v, Mapping):
-        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
-    return v
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return [_jsonable(x) for x in v]
-    return v
+_hashable, _jsonable = model_lib.hashable, model_lib.jsonable
 
 
 # ----------------------------------------------------------------------------- dense params

@@ -21,8 +21,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from deltajax.errors import check_finite_host
-from deltajax.io.params_ckpt import CheckpointError
+from deltajax.errors import CheckpointError, check_finite_host
 
 __all__ = ["TensorRef", "read_tensor", "scan_bin", "scan_safetensors", "write_safetensors"]
 

@@ -42,11 +42,11 @@ from tqdm.auto import tqdm
 from deltajax import ops
 from deltajax.containers import (
     DeltaLeaf,
-    DeltaWeight,
     check_finite_flags,
     finite_flags,
     leaf_key,
 )
+from deltajax.ops import DeltaWeight
 from deltajax.parallel import sharding as sh
 from deltajax.steps import calibrate
 from deltajax.tree import flatten, map_with_names, rule_for

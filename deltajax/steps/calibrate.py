@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from deltajax import data
 from deltajax import model as M
-from deltajax.containers import DeltaLeaf, DeltaWeight, LinearStats, compress_leaf
+from deltajax.containers import DeltaLeaf, LinearStats, compress_leaf
+from deltajax.ops import DeltaWeight
 from deltajax.tree import flatten, rule_for
 
 _HI = jax.lax.Precision.HIGHEST

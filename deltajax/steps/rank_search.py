@@ -41,8 +41,9 @@ import numpy as np
 
 from deltajax import methods as methods_lib
 from deltajax import model as M
-from deltajax.containers import SCALE_DTYPES, DeltaLeaf, DeltaWeight
+from deltajax.containers import SCALE_DTYPES, DeltaLeaf
 from deltajax.methods.featlowrank import FeatureLowRank, eigenbasis, factors
+from deltajax.ops import DeltaWeight
 from deltajax.tree import PROJ_PATTERN, PROJECTIONS, Rule, flatten, map_with_names
 
 TYPES = PROJECTIONS
