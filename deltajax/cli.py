@@ -19,7 +19,8 @@ checkpoint, a delta for another base, a config field that does not exist: `OSErr
 `TenantError`, `ConfigError`) are printed as ONE line ``error: <message>`` on stderr with exit
 code 1 and no traceback. ``DELTAJAX_TRACEBACK=1`` or ``--verbosity=1`` re-raises them (for
 debugging). Library logs (orbax, absl) stay at WARNING unless ``--verbosity`` is given
-(`quiet_logs`).
+(`quiet_logs`). On a multi-host job, ``[tag] ...`` lines reach stdout from process 0 only
+(`deltajax.progress.MainOnlyStdout`; progress bars: `deltajax.progress.bar`).
 Run-config overrides ``--config.<field>=v`` / ``--config.method.<field>=v`` are taken out of
 argv before absl parses it and applied, typed, by `deltajax.config.apply_overrides`.
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 from absl import app, flags
 
 from deltajax import config as C
-from deltajax import jax_cache
+from deltajax import jax_cache, progress
 
 # flags defined here (the run-config flag) belong to the script that calls define_run_config
 flags.disclaim_key_flags()
@@ -229,6 +230,8 @@ def run(main: Callable[[list[str]], None], *,
     def wrapped(argv):
         quiet_logs()
         jax_cache.enable()  # the persistent compilation cache (deltajax/jax_cache.py)
+        stdout = sys.stdout
+        sys.stdout = progress.MainOnlyStdout(stdout)  # '[tag] ...' lines: process 0 only
         try:
             for holder in _CONFIG_FLAGS.values():
                 if flags.FLAGS[holder.name].value is not None:
@@ -248,6 +251,10 @@ def run(main: Callable[[list[str]], None], *,
             if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
                 msg = f"{e.filename}: {msg}"
             fail(msg)
+        finally:
+            if isinstance(sys.stdout, progress.MainOnlyStdout):
+                sys.stdout.flush()
+                sys.stdout = stdout
 
     app.run(wrapped, flags_parser=_parse_flags)
 

@@ -176,8 +176,8 @@ def test_convert_and_eval_refuse_url_outputs_and_accept_hub_ids(runner, tmp_path
     work.mkdir()
     env = {"HF_HOME": str(hub), "HF_HUB_OFFLINE": "1"}
     for script, args in [("convert.py", ["--hf_dir=org/tiny", "--out=gs://b/ckpt"]),
-                         ("eval.py", ["--base=org/tiny", "--finetuned=org/tiny@dev", f"--delta={hub}",
-                                      "--out=gs://b/eval.md"])]:
+                         ("eval.py", ["--base=org/tiny", "--finetuned=org/tiny@dev",
+                                      f"--delta={hub}", "--out=gs://b/eval.md"])]:
         o = runner.run_script(script, args, env=env, cwd=work)
         lines = [ln for ln in o.stderr.splitlines() if ln.strip()]
         assert o.rc == 1 and len(lines) == 1, (script, o.stderr[-2000:])
