@@ -60,9 +60,10 @@ class _RunConfigFlag:
     def load(self) -> C.RunConfig:
         flag = flags.FLAGS[self.name]
         path = Path(flag.value).expanduser()
-        if not path.is_absolute() and (not flag.present or not path.exists()) \
-                and (_REPO / path).exists():
-            path = _REPO / path  # the default configs/x.py: the package's, whatever the cwd
+        if not path.is_absolute() and (not flag.present or not path.exists()):
+            shipped = _shipped_config(path)
+            if shipped is not None:
+                path = shipped  # the default configs/x.py: the package's, whatever the cwd
         cfg = C.load_config(path, flag=self.name)
         self._value = C.apply_overrides(cfg, self.overrides, flag=self.name)
         self._loaded = True
@@ -73,6 +74,22 @@ class _RunConfigFlag:
         if not self._loaded:
             self.load()
         return self._value
+
+
+def _shipped_config(path: Path) -> Path | None:
+    """``configs/<name>.py`` of the checkout beside the package, else of the installed package
+    `deltajax_configs` (the wheel ships configs/ under that name; see setup.py)."""
+    if (_REPO / path).exists():
+        return _REPO / path
+    if len(path.parts) != 2 or path.parts[0] != "configs":
+        return None
+    import importlib.util
+
+    spec = importlib.util.find_spec("deltajax_configs")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(root) / path.name).is_file():
+            return Path(root) / path.name
+    return None
 
 
 def define_run_config(name: str, default: str | None, help: str, *,
