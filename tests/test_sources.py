@@ -100,6 +100,59 @@ def test_neither_path_nor_hub_id_lists_the_accepted_forms(offline, spec):
     assert "'smollm2'" in str(e.value) and "converted checkpoint" in str(e.value)
 
 
+@pytest.fixture
+def online(hub, monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE unset; the Hub's file listing and snapshot_download are stand-ins that
+    record what was asked (no network), the download answering from the temp cache."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HOME", str(hub))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    calls, listing = [], {"files": ["config.json", "model.safetensors"], "error": None}
+    real = huggingface_hub.snapshot_download
+
+    def list_repo_files(self, repo_id, revision=None, **kw):
+        if listing["error"] is not None:
+            raise listing["error"]
+        return listing["files"]
+
+    def snapshot_download(repo_id, **kw):
+        calls.append(kw)
+        return real(repo_id, **{**kw, "local_files_only": True})
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls, listing
+
+
+def test_hub_download_asks_only_for_the_model_files(online):
+    calls, listing = online
+    d = resolve.resolve_model_dir("org/tiny@dev")
+    assert d.name == SHA_DEV
+    (kw,) = calls
+    pats = kw["allow_patterns"]
+    assert kw["revision"] == "dev" and kw["local_files_only"] is False
+    assert {"config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
+            "generation_config.json"} <= set(pats)
+    assert not any(p.endswith(".bin") for p in pats)  # safetensors exist: no .bin
+    assert not any(p in ("*", "*.*") or p.endswith((".onnx", ".h5", ".msgpack")) for p in pats)
+    assert kw["cache_dir"] == resolve.hub_cache_dir()
+    listing["files"] = ["config.json", "pytorch_model.bin"]  # a .bin-only repo
+    resolve.resolve_model_dir("org/tiny")
+    assert "pytorch_model*.bin" in calls[-1]["allow_patterns"]
+
+
+def test_unreachable_hub_falls_back_to_the_cache(online):
+    calls, listing = online
+    listing["error"] = ConnectionError("Name or service not known")
+    assert resolve.resolve_model_dir("org/tiny").name == SHA_MAIN
+    assert calls[-1]["local_files_only"] is True
+    with pytest.raises(FileNotFoundError, match="the Hub is unreachable.*ConnectionError"):
+        resolve.resolve_model_dir("org/other")
+
+
 def test_hub_cache_follows_hf_hub_cache_then_hf_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)

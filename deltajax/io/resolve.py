@@ -72,24 +72,36 @@ def hub_snapshot(repo: str, revision: str | None = None) -> Path:
     patterns = list(HUB_FILES)
     missing = (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError,
                hf_errors.EntryNotFoundError, hf_errors.LocalEntryNotFoundError)
+    unreachable = None  # the network error, when the Hub could not be asked
     try:
+        if not offline:
+            try:
+                files = HfApi().list_repo_files(repo, revision=revision)
+            except missing:
+                raise
+            except Exception as e:  # no network / Hub down: the cache, as huggingface_hub does
+                unreachable, offline = e, True
+            else:
+                if not any(f.endswith(".safetensors") for f in files):
+                    patterns += HUB_BIN_FILES
         if offline:
             patterns += HUB_BIN_FILES  # a cached .bin-only snapshot is used as it is
-        else:
-            files = HfApi().list_repo_files(repo, revision=revision)
-            if not any(f.endswith(".safetensors") for f in files):
-                patterns += HUB_BIN_FILES
         d = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
                                    allow_patterns=patterns, local_files_only=offline))
     except missing as e:
-        where = (f"not in the Hub cache {cache} (HF_HUB_OFFLINE=1: no download)" if offline
-                 else "not found on the Hugging Face Hub (or not accessible: gated or private "
-                      "repos need `hf auth login` / HF_TOKEN)")
+        if unreachable is not None:
+            where = (f"not in the Hub cache {cache}, and the Hub is unreachable "
+                     f"({type(unreachable).__name__}: {str(unreachable)[:200]})")
+        elif offline:
+            where = f"not in the Hub cache {cache} (HF_HUB_OFFLINE=1: no download)"
+        else:
+            where = ("not found on the Hugging Face Hub (or not accessible: gated or private "
+                     "repos need `hf auth login` / HF_TOKEN)")
         raise FileNotFoundError(f"model not found: {spec!r} is no local path, and as a Hub id "
                                 f"it is {where}; accepted: {ACCEPTED}") from e
     except (ImportError, ValueError, OSError):
         raise
-    except Exception as e:  # network errors (httpx), Hub server errors: the user's to fix
+    except Exception as e:  # network errors (httpx) mid-download, Hub server errors
         raise OSError(f"{spec!r}: Hub download into {cache} failed "
                       f"({type(e).__name__}: {e}); HF_HUB_OFFLINE=1 uses the cache only") from e
     if not (d / "config.json").exists():
