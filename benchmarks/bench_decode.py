@@ -75,6 +75,11 @@ flags.DEFINE_integer("max_len", 2048, "--step=engine: cache positions per slot (
                      "--max_len; grown to fit KV + the timed steps).")
 flags.DEFINE_integer("decode_steps", 4, "--step=engine: decode steps per engine call (the "
                      "engine's decode_steps; one host read of the tokens per call).")
+flags.DEFINE_bool("lookahead", True, "--step=engine: read each call's tokens after dispatching "
+                  "the next call, as `Engine(lookahead=True)` (the default) does.")
+flags.DEFINE_bool("host_ab", False, "--step=engine: also time the same calls reading each "
+                  "call's tokens at once (sync), one call late (lookahead) and only at the end "
+                  "(async: device time).")
 flags.DEFINE_bool("isolate", True, "Time each row in a fresh process of this script (on the H200 a "
                   "row compiled after another in the same process was measured up to 2x slower; "
                   "see benchmarks/decode.md). --noisolate times all rows in this process.")
@@ -116,27 +121,35 @@ def build_params(cfg, key):
         for k, (p, a) in zip(keys, flat)])
 
 
-def with_tenants(base, method_key: str, t: int, batch: int, key) -> tuple[dict, int]:
-    """Base params with every projection a `MultiTenantWeight` of T random deltas; their bytes."""
+def random_deltas(base, method_key: str, t: int, key):
+    """(method, {projection name: (T random containers stacked, abstract container)}): codes of
+    exactly the structure METHOD's `compress` produces, drawn per leaf from a name-keyed seed."""
     name, kw = METHODS[method_key]
     m = make_method(name, **kw)
-    ids = jnp.arange(batch, dtype=jnp.int32) % t
-    total = [0]
-    cache = {}
+    out, cache = {}, {}
 
     def f(n, w):
-        if not is_projection(n):
-            return w
-        shp = tuple(w.shape)
-        if shp not in cache:
-            cache[shp] = jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)),
-                                        jax.ShapeDtypeStruct(shp, jnp.float32))
-        leaf_key = jax.random.fold_in(key, zlib.crc32(n.encode()) & 0x7FFFFFFF)  # stable per name
-        stacked = C.random_like(leaf_key, cache[shp], (t,))
-        total[0] += _nbytes(stacked)
-        return MultiTenantWeight(base=w, deltas=stacked, tenant_ids=ids, method=m, num_tenants=t)
+        if is_projection(n):
+            shp = tuple(w.shape)
+            if shp not in cache:
+                cache[shp] = jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)),
+                                            jax.ShapeDtypeStruct(shp, jnp.float32))
+            leaf_key = jax.random.fold_in(key, zlib.crc32(n.encode()) & 0x7FFFFFFF)
+            out[n] = (C.random_like(leaf_key, cache[shp], (t,)), cache[shp])
+        return w
 
-    return map_with_names(f, base), total[0]
+    map_with_names(f, base)
+    return m, out
+
+
+def with_tenants(base, method_key: str, t: int, batch: int, key) -> tuple[dict, int]:
+    """Base params with every projection a `MultiTenantWeight` of T random deltas; their bytes."""
+    m, deltas = random_deltas(base, method_key, t, key)
+    ids = jnp.arange(batch, dtype=jnp.int32) % t
+    params = map_with_names(
+        lambda n, w: MultiTenantWeight(base=w, deltas=deltas[n][0], tenant_ids=ids, method=m,
+                                       num_tenants=t) if n in deltas else w, base)
+    return params, sum(_nbytes(d) for d, _ in deltas.values())
 
 
 def decode_state(cfg, batch: int, kv: int, steps: int, key) -> G.DecodeState:
@@ -181,30 +194,12 @@ def engine_pools(base, method_key: str, t: int, key):
     """One engine delta pool holding T random fine-tunes of METHOD (every projection); bytes."""
     from deltajax.serve import engine as E
 
-    name, kw = METHODS[method_key]
-    m = make_method(name, **kw)
-    leaves, arrays, total, cache = [], {}, 0, {}
-
-    def f(n, w):
-        nonlocal total
-        if not is_projection(n):
-            return w
-        shp = tuple(w.shape)
-        if shp not in cache:
-            cache[shp] = jax.eval_shape(lambda d: m.compress(d, key=jax.random.PRNGKey(0)),
-                                        jax.ShapeDtypeStruct(shp, jnp.float32))
-        leaf_key = jax.random.fold_in(key, zlib.crc32(n.encode()) & 0x7FFFFFFF)
-        stacked = C.random_like(leaf_key, cache[shp], (t,))
-        total += _nbytes(stacked)
-        leaves.append(E.LeafSpec(n, E.LINEAR, m, jax.tree.structure(cache[shp]),
-                                 E._avals(cache[shp])))
-        arrays[n] = stacked
-        return w
-
-    map_with_names(f, base)
-    order = sorted(range(len(leaves)), key=lambda i: leaves[i].name)
-    spec = E.PoolSpec(leaves=tuple(leaves[i] for i in order), capacity=t)
-    return (arrays,), (spec,), total
+    m, deltas = random_deltas(base, method_key, t, key)
+    leaves = tuple(E.LeafSpec(n, E.LINEAR, m, jax.tree.structure(a), E._avals(a))
+                   for n, (_, a) in sorted(deltas.items()))
+    spec = E.PoolSpec(leaves=leaves, capacity=t)
+    arrays = {n: d for n, (d, _) in deltas.items()}
+    return (arrays,), (spec,), sum(_nbytes(d) for d in arrays.values())
 
 
 def time_engine(base, cfg, batch, kv, steps, repeats, key, method_key=None, t=0) -> dict:
@@ -213,7 +208,7 @@ def time_engine(base, cfg, batch, kv, steps, repeats, key, method_key=None, t=0)
 
     pools, specs, dbytes = ((), (), 0) if method_key is None else engine_pools(
         base, method_key, t, key)
-    max_len = max(FLAGS.max_len, kv + steps * (repeats + 1) + 1)
+    max_len = max(FLAGS.max_len, kv + steps * (3 * repeats + 1) + 1)
     state = E.SlotState.create(cfg, batch, max_len, jnp.bfloat16)
     rows = np.arange(batch, dtype=np.int32)
     state = state.replace(
@@ -228,15 +223,31 @@ def time_engine(base, cfg, batch, kv, steps, repeats, key, method_key=None, t=0)
     state, tok = E._decode(base, pools, state, active, **kw)
     np.asarray(tok)
     compile_s = time.perf_counter() - t0
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            state, tok = E._decode(base, pools, state, active, **kw)
-            np.asarray(tok)  # the engine reads every call's tokens on the host
-        ts.append(time.perf_counter() - t0)
-    return {"ms": 1e3 * float(np.median(ts)) / (calls * k), "compile_s": compile_s,
-            "dbytes": dbytes, "max_len": max_len}
+
+    def timed(mode):  # sync: read each call's tokens at once; lookahead: one call late (the
+        nonlocal state  # engine's default); async: only at the end (device time)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            prev = None
+            for _ in range(calls):
+                state, tok = E._decode(base, pools, state, active, **kw)
+                if mode == "sync":
+                    np.asarray(tok)
+                elif mode == "lookahead" and prev is not None:
+                    np.asarray(prev)
+                prev = tok
+            np.asarray(prev)
+            ts.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(ts)) / (calls * k)
+
+    primary = "lookahead" if FLAGS.lookahead else "sync"
+    out = {"ms": timed(primary), "compile_s": compile_s, "dbytes": dbytes, "max_len": max_len,
+           "host_mode": primary}
+    if FLAGS.host_ab:
+        for mode in ("sync", "lookahead", "async"):
+            out[f"ms_{mode}"] = out["ms"] if mode == primary else timed(mode)
+    return out
 
 
 def weight_bytes(params, cfg) -> int:
@@ -443,6 +454,10 @@ def main(argv):
             params = None
             r = time_engine(base, cfg, b, kv, FLAGS.steps, FLAGS.repeats, key, meth, t)
             dbytes = r["dbytes"]
+            for mode in ("sync", "lookahead", "async"):
+                if f"ms_{mode}" in r:
+                    print(f"[bench_decode] engine {mode}: {r[f'ms_{mode}']:.3f} ms/step",
+                          flush=True)
         else:
             params, dbytes = (base, 0) if meth is None else with_tenants(base, meth, t, b, key)
             if FLAGS.profile_dir and i == 0:
@@ -454,7 +469,8 @@ def main(argv):
         row = {"row": "base alone" if meth is None else f"{t} × {meth}", "batch": b, "kv": kv,
                "ms": r["ms"], "tok_s": b / (r["ms"] / 1e3), "bytes": byts,
                "floor_bw": floor_bw, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / r["ms"],
-               "compile_s": r["compile_s"], "step": FLAGS.step, "max_len": r.get("max_len")}
+               "compile_s": r["compile_s"], "step": FLAGS.step, "max_len": r.get("max_len"),
+               **{k: v for k, v in r.items() if k.startswith("ms_")}}
         if FLAGS.torch_peer and jax.default_backend() == "gpu" and meth is None:
             try:
                 row["torch_ms"] = torch_step_ms(cfg, b, kv, FLAGS.steps)
@@ -486,8 +502,9 @@ def _write_table(results, device, bw_text, *, rows_isolated, copy_bw=None):
         f"Copy bandwidth measured in this run: {bw_text}. The step: "
         + ("`serve.generate`'s decode loop, " f"{FLAGS.steps} steps per call"
            if FLAGS.step == "generate" else "the serving engine's `_decode` ("
-           f"{FLAGS.decode_steps} steps per call and host read, {FLAGS.max_len}+ cache "
-           "positions per slot, all slots active)")
+           f"{FLAGS.decode_steps} steps per call, tokens read "
+           f"{'one call late' if FLAGS.lookahead else 'after each call'}, {FLAGS.max_len}+ "
+           "cache positions per slot, all slots active)")
         + f"; attention {FLAGS.attention}; dense "
         f"projections {FLAGS.dense}; rows "
         f"{'each in a fresh process' if rows_isolated else 'in one process'}; "

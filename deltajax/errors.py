@@ -97,7 +97,7 @@ def count_nonfinite(arr: np.ndarray) -> int:
         sign_off = view(np.iinfo(view).max >> 1)  # all bits but the sign
         n = 0
         for i in range(0, flat.size, _CHUNK):
-            mag = flat[i:i + _CHUNK] & sign_off
+            mag = flat[i : i + _CHUNK] & sign_off
             # non-finite iff the exponent bits are all ones, i.e. |bits| >= the mask (one
             # reduction in the common all-finite case; counted only when there are some)
             if mag.size and mag.max() >= m:
@@ -106,8 +106,12 @@ def count_nonfinite(arr: np.ndarray) -> int:
     if not np.issubdtype(dt, np.floating):
         return 0
     flat = arr.reshape(-1)
-    return int(sum(flat[i:i + _CHUNK].size - np.count_nonzero(np.isfinite(flat[i:i + _CHUNK]))
-                   for i in range(0, flat.size, _CHUNK)))
+    return int(
+        sum(
+            flat[i : i + _CHUNK].size - np.count_nonzero(np.isfinite(flat[i : i + _CHUNK]))
+            for i in range(0, flat.size, _CHUNK)
+        )
+    )
 
 
 def check_finite_host(arr: np.ndarray, name: str, *, where: str = "", source=None) -> None:
@@ -124,9 +128,13 @@ def check_finite_host(arr: np.ndarray, name: str, *, where: str = "", source=Non
         return
     src = f"{source}: " if source is not None else ""
     if where:
-        msg = (f"{src}'{name}' has {n} of {arr.size} entries NaN/Inf {where} (values beyond the "
-               "target dtype's range); choose a wider --dtype (e.g. bfloat16 or float32)")
+        msg = (
+            f"{src}'{name}' has {n} of {arr.size} entries NaN/Inf {where} (values beyond the "
+            "target dtype's range); choose a wider --dtype (e.g. bfloat16 or float32)"
+        )
     else:
-        msg = (f"{src}'{name}' holds {n} NaN/Inf entries of {arr.size} (a corrupt checkpoint "
-               "or a diverged fine-tune); refusing to use it")
+        msg = (
+            f"{src}'{name}' holds {n} NaN/Inf entries of {arr.size} (a corrupt checkpoint "
+            "or a diverged fine-tune); refusing to use it"
+        )
     raise NonFiniteError(msg, name=name, count=n)

@@ -339,13 +339,15 @@ def test_tied_embedding_delta_per_row():
 
 
 def test_decode_steps_per_call_do_not_change_outputs(setup):
-    """One token per device call or three: the same greedy answers, fewer host round trips."""
+    """One token per device call, read at once, or three per call read one call late
+    (lookahead): the same greedy answers, fewer host round trips."""
     cfg, base, tok, comps = setup
     pairs = [(PROMPTS[0], "ft-rtn"), (PROMPTS[1], "base"), (PROMPTS[2], "ft-bd")]
     calls = {}
-    for k in (1, 3):
+    for k, ahead in ((1, False), (3, True)):
         eng = E.Engine(base, cfg, tok, deltas={m: comps[m] for _, m in pairs if m != "base"},
-                       slots=2, max_len=64, prefill_buckets=(16, 64), seed=0, decode_steps=k)
+                       slots=2, max_len=64, prefill_buckets=(16, 64), seed=0, decode_steps=k,
+                       lookahead=ahead)
         outs = eng.generate([p for p, _ in pairs], model=[m for _, m in pairs], max_tokens=N)
         for (p, m), o in zip(pairs, outs):
             assert o.token_ids == reference(setup, m, p)[0], (k, m, p)

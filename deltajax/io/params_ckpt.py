@@ -644,7 +644,8 @@ def restore_problem(e: BaseException, leaf_of: Callable[[str], str | None] | Non
         key = keys[-1]
         name = (leaf_of(key) if leaf_of else None) or key
         kind = "truncated or corrupt" if "read" in text.lower() else "unreadable"
-        return f"the stored array of '{name}' is {kind}; the checkpoint is damaged: write it again"
+        return (f"leaf '{name}': its stored array is {kind}; the checkpoint is damaged: write "
+                "it again")
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return f"cannot restore arrays: {first[:300]}"
 

@@ -343,9 +343,11 @@ class DSnoT(Method):
         return (Rule(MLP_PATTERN, dataclasses.replace(self, refine=False, refine_mlp=True)),)
 
     def __post_init__(self):
-        self._check()
+        self._check(cross=False)
 
-    def _check(self):
+    def _check(self, cross: bool = True):
+        """Field checks (when built); `cross`: also those between fields (at compress, so that
+        one field can be overridden at a time, e.g. ``--config.method.rescale``)."""
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise BudgetError(f"dsnot: sparsity must be in [0, 1), got {self.sparsity!r} "
                               "(1 would drop the whole delta)")
@@ -360,7 +362,7 @@ class DSnoT(Method):
         if not 0 <= self.value_bits <= 8:
             raise ValueError(f"DSnoT value_bits must be 0 (store in dtype) or 1..8, got "
                              f"{self.value_bits}")
-        if self.rescale and self.init != "random":
+        if cross and self.rescale and self.init != "random":
             raise ValueError("DSnoT rescale=True (DARE's 1/(1-p)) only makes sense with "
                              f"init='random', got init={self.init!r}")
         if self.max_cycles < 0:

@@ -740,6 +740,9 @@ class Engine:
         Outputs do not depend on it; more steps hide the per-call host cost (measured on an
         H200, 7B shapes: benchmarks/decode.md), at the price of admitting new requests and
         noticing finished ones up to `decode_steps - 1` tokens later.
+      lookahead: dispatch the next decode call before reading the tokens of the last one, so
+        the host's work (reading, streaming, stop checks, the next dispatch) overlaps the
+        device's; tokens reach requests one call later. Outputs do not depend on it.
     """
 
     def __init__(
@@ -749,7 +752,7 @@ class Engine:
         prefill_buckets: Sequence[int] | None = None, max_queue: int = 1024,
         prefills_per_step: int = 1, default_max_tokens: int = 256, kv_dtype=None,
         implementation: str = "auto", interpret: bool = False, seed: int | None = None,
-        dtype=None, decode_steps: int = 4,
+        dtype=None, decode_steps: int = 4, lookahead: bool = True,
     ):
         if slots < 1 or max_len < 2 or pool_capacity < 1 or max_queue < 1 or \
                 prefills_per_step < 1 or default_max_tokens < 1 or decode_steps < 1:
@@ -778,7 +781,8 @@ class Engine:
         self.buckets, self.max_queue = buckets, max_queue
         self.prefills_per_step, self.default_max_tokens = prefills_per_step, default_max_tokens
         self.implementation, self.interpret = implementation, interpret
-        self.decode_steps = decode_steps
+        self.decode_steps, self.lookahead = decode_steps, lookahead
+        self._inflight: tuple | None = None  # (tokens, requests, active) of a call not yet read
         self._tok_lock = threading.Lock()
         self._base_fp: dict[int, str] | None = None
         if dtype is not None:  # deltas are checked against the stored base: fingerprint first
@@ -1066,6 +1070,7 @@ class Engine:
                 self._prefill(0, [0] * min(b, self.max_len - 1), 0.0, 1.0, 0,
                               np.zeros(2, np.uint32), 0, bucket=b)
             self._decode_step(np.zeros(self.slots, bool))
+            self._flush_inflight()
 
         self._in_engine(run)
         self._count("warmups")
@@ -1250,7 +1255,7 @@ class Engine:
         while True:
             with self._cv:
                 while not (self._stopping or self._control or self._waiting or
-                           any(self._slot_req)):
+                           any(self._slot_req) or self._inflight is not None):
                     self._cv.wait()
                 if self._stopping:
                     return
@@ -1289,6 +1294,8 @@ class Engine:
         if active.any():
             self._decode_step(active)
             did = True
+        else:
+            did |= self._flush_inflight()
         return did
 
     def _admit(self) -> bool:
@@ -1356,22 +1363,48 @@ class Engine:
         try:
             self._state, tok = _decode(self._base, self._pool_arrays(), self._state, active,
                                        steps=self.decode_steps, **self._static())
-            toks = np.asarray(tok)  # (decode_steps, slots)
         except Exception as e:
-            log.exception("decode step failed; failing the running requests")
-            for s, r in enumerate(self._slot_req):
-                if r is not None:
-                    self._finish(s, r, "error", error=f"decode failed: {e}")
-            self._state = SlotState.create(self.cfg, self.slots, self.max_len, self._kv_dtype)
+            self._decode_failed(e)
             return
         self._count("decode_calls")
-        self._count("decode_steps", len(toks))
-        rows = np.flatnonzero(active)
+        self._count("decode_steps", self.decode_steps)
+        call = (tok, reqs, np.flatnonzero(active))
+        if not self.lookahead:
+            self._read_call(call)
+            return
+        prev, self._inflight = self._inflight, call
+        if prev is not None:  # the last call's tokens, read while this call runs
+            self._read_call(prev)
+
+    def _flush_inflight(self) -> bool:
+        """Read the tokens of the call still in flight (lookahead), if any."""
+        prev, self._inflight = self._inflight, None
+        if prev is None:
+            return False
+        self._read_call(prev)
+        return True
+
+    def _read_call(self, call) -> None:
+        tok, reqs, rows = call
+        try:
+            toks = np.asarray(tok)  # (decode_steps, slots)
+        except Exception as e:
+            self._decode_failed(e)
+            return
         for step_toks in toks:
             for s in rows:
                 r = reqs[s]
                 if r is not None and self._slot_req[s] is r:  # still running
                     self._on_token(int(s), r, int(step_toks[s]))
+
+    def _decode_failed(self, e: Exception) -> None:
+        log.error("decode step failed (%s); failing the running requests", e,
+                  exc_info=True)
+        self._inflight = None
+        for s, r in enumerate(self._slot_req):
+            if r is not None:
+                self._finish(s, r, "error", error=f"decode failed: {e}")
+        self._state = SlotState.create(self.cfg, self.slots, self.max_len, self._kv_dtype)
 
     def _on_token(self, slot: int, r: Request, tok: int) -> None:
         now = time.monotonic()

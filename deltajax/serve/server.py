@@ -631,7 +631,7 @@ def main(argv):
                         prefills_per_step=FLAGS.prefills_per_step,
                         default_max_tokens=FLAGS.default_max_tokens,
                         implementation=FLAGS.implementation, dtype=FLAGS.dtype,
-                        decode_steps=FLAGS.decode_steps)
+                        decode_steps=FLAGS.decode_steps, lookahead=FLAGS.lookahead)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     for name, path in deltas.items():  # checked against the stored base, before any cast
@@ -677,6 +677,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("decode_steps", 4, "Decode steps per device call: tokens reach the "
                          "host (and streams, stops, admissions are handled) every N steps; "
                          "outputs do not depend on it, larger hides the per-call host cost.")
+    flags.DEFINE_bool("lookahead", True, "Dispatch the next decode call before reading the last "
+                      "one's tokens (hides the host's share of a step; outputs do not depend on "
+                      "it).")
     flags.DEFINE_integer("default_max_tokens", 256, "Completion length when a chat request sets "
                          "none (capped by the context).")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
