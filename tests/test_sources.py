@@ -259,3 +259,18 @@ def test_gguf_file_is_a_model_source(tmp_path, monkeypatch):
     params, cfg, tok, _ = load_model(str(src))
     assert (d / "config.json").stat().st_mtime_ns == stamp  # converted once
     assert cfg.num_hidden_layers == 30 and tok is not None
+
+
+@pytest.mark.parametrize("flag", ["base", "finetuned"])
+def test_compress_model_url_is_an_error_of_its_own_flag(runner, tmp_path, hub, flag):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    snap = hub / "hub" / "models--org--tiny" / "snapshots" / SHA_MAIN
+    models = {"base": str(snap), "finetuned": str(snap), flag: "gs://bucket/model"}
+    o = runner.run_script("compress.py", [f"--base={models['base']}",
+                                          f"--finetuned={models['finetuned']}",
+                                          f"--out={tmp_path / 'out'}"], cwd=work)
+    lines = [ln for ln in o.stderr.splitlines() if ln.strip()]
+    assert o.rc == 1 and len(lines) == 1, o.stderr[-2000:]
+    assert lines[0].startswith(f"error: --{flag}: gs://bucket/model: model URLs"), lines[0]
+    assert list(work.iterdir()) == [] and not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from deltajax import model as M
-from deltajax.errors import check_local_path
+from deltajax.errors import check_local_path, is_url
 from deltajax.io import hf
 from deltajax.io import params_ckpt as checkpoint
 
@@ -140,14 +140,15 @@ def resolve_model_dir(spec: str) -> Path:
 
 def model_path(spec: str | None) -> Path | None:
     """The local path a model argument names, without creating, downloading or loading anything
-    (None for None and for Hub ids); for `check_destination`'s inputs."""
+    (None for None, Hub ids and URLs); for `check_destination`'s inputs."""
     if spec is None:
         return None
     if spec in SMOLLM2:
         from deltajax.io.smollm import cache_root
 
         return cache_root() / "smollm2-135m-instruct"
-    check_local_path(spec, "model")
+    if is_url(spec):
+        return None  # refused where the model is loaded, under its own flag
     p = Path(os.path.expanduser(spec))
     if not p.exists() and HUB_ID.match(spec):
         return None
