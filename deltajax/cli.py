@@ -28,6 +28,8 @@ argv before absl parses it and applied, typed, by `deltajax.config.apply_overrid
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -83,8 +85,6 @@ def _shipped_config(path: Path) -> Path | None:
         return _REPO / path
     if len(path.parts) != 2 or path.parts[0] != "configs":
         return None
-    import importlib.util
-
     spec = importlib.util.find_spec("deltajax_configs")
     for root in (spec.submodule_search_locations or []) if spec else []:
         if (Path(root) / path.name).is_file():
@@ -274,6 +274,69 @@ def run(main: Callable[[list[str]], None], *,
                 sys.stdout = stdout
 
     app.run(wrapped, flags_parser=_parse_flags)
+
+
+# ------------------------------------------------------------------ console entry points
+# ``deltajax-<name>`` (pyproject.toml [project.scripts]) runs ``scripts/<name>.py``: installed as
+# the module ``deltajax_scripts.<name>`` (setup.py); in a checkout that is not installed, the
+# file beside the package; through `run`, exactly as ``python scripts/<name>.py`` does.
+
+# ImportError is a user error where an optional dependency serves one input kind (torch: .bin)
+_USER_ERRORS = {"convert": (ImportError,)}
+
+
+def load_script(name: str):
+    """The module of ``scripts/<name>.py``: the installed ``deltajax_scripts.<name>``, else
+    (a checkout) the file ``scripts/<name>.py`` next to the package."""
+    try:
+        return importlib.import_module(f"deltajax_scripts.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("deltajax_scripts", f"deltajax_scripts.{name}"):
+            raise
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"deltajax_scripts.{name}", path)
+    if spec is None or not path.exists():
+        raise ModuleNotFoundError(f"deltajax_scripts.{name}: no installed module and no {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(name: str) -> None:
+    mod = load_script(name)
+    main = sys.modules.get("__main__")
+    if main is not None:
+        main.__doc__ = mod.__doc__  # absl's --help prints the __main__ docstring
+    run(mod.main, user_errors=_USER_ERRORS.get(name, ()))
+
+
+def entry_convert() -> None:
+    _run("convert")
+
+
+def entry_compress() -> None:
+    _run("compress")
+
+
+def entry_export() -> None:
+    _run("export_hf")
+
+
+def entry_generate() -> None:
+    _run("generate")
+
+
+def entry_eval() -> None:
+    _run("eval")
+
+
+def entry_finetune() -> None:
+    _run("finetune")
+
+
+def entry_demo() -> None:
+    _run("demo")
 
 
 __all__ = ["USER_ERRORS", "UserError", "about", "check_out", "define_run_config", "fail",

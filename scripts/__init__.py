@@ -1,2 +1,2 @@
 """The command-line programs; installed as the package `deltajax_scripts` (setup.py), run by
-the console entry points of `deltajax.entry_points` or as ``python scripts/<name>.py``."""
+the console entry points in `deltajax.cli` (entry_*) or as ``python scripts/<name>.py``."""

@@ -38,7 +38,6 @@ LAYERS = {
     "deltajax.train": 6,
     "deltajax.config": 4,
     "deltajax.cli": 7,
-    "deltajax.entry_points": 7,
     "deltajax": 7,
 }
 

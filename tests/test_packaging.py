@@ -28,13 +28,13 @@ def test_pyproject_entry_points_extras_and_jax_range():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     scripts = meta["scripts"]
     assert set(COMMANDS) <= set(scripts), sorted(scripts)
-    from deltajax import entry_points
+    from deltajax import cli
 
     for cmd, target in scripts.items():
         mod, _, fn = target.partition(":")
-        if mod == "deltajax.entry_points":
-            assert callable(getattr(entry_points, fn)), cmd
-            name = {"export": "export_hf"}.get(fn, fn)
+        if mod == "deltajax.cli":
+            assert callable(getattr(cli, fn)), cmd
+            name = {"export": "export_hf"}.get(fn[len("entry_"):], fn[len("entry_"):])
             assert (REPO / "scripts" / f"{name}.py").is_file(), cmd
     extras = meta["optional-dependencies"]
     assert {"cuda", "tpu", "torch", "test"} <= set(extras)
@@ -91,7 +91,7 @@ def test_wheel_installs_and_runs_compress_and_generate_outside_the_repo(tmp_path
     (whl,) = whl_dir.glob("deltajax-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
     for f in ("deltajax/assets/gsm8k_sample.jsonl", "deltajax_configs/rtn4.py",
-              "deltajax_scripts/compress.py", "deltajax/entry_points.py",
+              "deltajax_scripts/compress.py", "deltajax/cli.py",
               "pallas_kernels/dense_matmul/tuning.json"):
         assert f in names, f
     ep = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("entry_points.txt")))
