@@ -19,7 +19,8 @@ checkpoint, a delta for another base, a config field that does not exist: `OSErr
 `TenantError`, `ConfigError`) are printed as ONE line ``error: <message>`` on stderr with exit
 code 1 and no traceback. ``DELTAJAX_TRACEBACK=1`` or ``--verbosity=1`` re-raises them (for
 debugging). Library logs (orbax, absl) stay at WARNING unless ``--verbosity`` is given
-(`quiet_logs`).
+(`quiet_logs`). On a multi-host job, ``[tag] ...`` lines reach stdout from process 0 only
+(`deltajax.progress.MainOnlyStdout`; progress bars: `deltajax.progress.bar`).
 Run-config overrides ``--config.<field>=v`` / ``--config.method.<field>=v`` are taken out of
 argv before absl parses it and applied, typed, by `deltajax.config.apply_overrides`.
 """
@@ -27,6 +28,8 @@ argv before absl parses it and applied, typed, by `deltajax.config.apply_overrid
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -35,7 +38,7 @@ from pathlib import Path
 from absl import app, flags
 
 from deltajax import config as C
-from deltajax import jax_cache
+from deltajax import jax_cache, progress
 
 # flags defined here (the run-config flag) belong to the script that calls define_run_config
 flags.disclaim_key_flags()
@@ -59,9 +62,10 @@ class _RunConfigFlag:
     def load(self) -> C.RunConfig:
         flag = flags.FLAGS[self.name]
         path = Path(flag.value).expanduser()
-        if not path.is_absolute() and (not flag.present or not path.exists()) \
-                and (_REPO / path).exists():
-            path = _REPO / path  # the default configs/x.py: the package's, whatever the cwd
+        if not path.is_absolute() and (not flag.present or not path.exists()):
+            shipped = _shipped_config(path)
+            if shipped is not None:
+                path = shipped  # the default configs/x.py: the package's, whatever the cwd
         cfg = C.load_config(path, flag=self.name)
         self._value = C.apply_overrides(cfg, self.overrides, flag=self.name)
         self._loaded = True
@@ -72,6 +76,20 @@ class _RunConfigFlag:
         if not self._loaded:
             self.load()
         return self._value
+
+
+def _shipped_config(path: Path) -> Path | None:
+    """``configs/<name>.py`` of the checkout beside the package, else of the installed package
+    `deltajax_configs` (the wheel ships configs/ under that name; see setup.py)."""
+    if (_REPO / path).exists():
+        return _REPO / path
+    if len(path.parts) != 2 or path.parts[0] != "configs":
+        return None
+    spec = importlib.util.find_spec("deltajax_configs")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(root) / path.name).is_file():
+            return Path(root) / path.name
+    return None
 
 
 def define_run_config(name: str, default: str | None, help: str, *,
@@ -229,6 +247,8 @@ def run(main: Callable[[list[str]], None], *,
     def wrapped(argv):
         quiet_logs()
         jax_cache.enable()  # the persistent compilation cache (deltajax/jax_cache.py)
+        stdout = sys.stdout
+        sys.stdout = progress.MainOnlyStdout(stdout)  # '[tag] ...' lines: process 0 only
         try:
             for holder in _CONFIG_FLAGS.values():
                 if flags.FLAGS[holder.name].value is not None:
@@ -248,8 +268,75 @@ def run(main: Callable[[list[str]], None], *,
             if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
                 msg = f"{e.filename}: {msg}"
             fail(msg)
+        finally:
+            if isinstance(sys.stdout, progress.MainOnlyStdout):
+                sys.stdout.flush()
+                sys.stdout = stdout
 
     app.run(wrapped, flags_parser=_parse_flags)
+
+
+# ------------------------------------------------------------------ console entry points
+# ``deltajax-<name>`` (pyproject.toml [project.scripts]) runs ``scripts/<name>.py``: installed as
+# the module ``deltajax_scripts.<name>`` (setup.py); in a checkout that is not installed, the
+# file beside the package; through `run`, exactly as ``python scripts/<name>.py`` does.
+
+# ImportError is a user error where an optional dependency serves one input kind (torch: .bin)
+_USER_ERRORS = {"convert": (ImportError,)}
+
+
+def load_script(name: str):
+    """The module of ``scripts/<name>.py``: the installed ``deltajax_scripts.<name>``, else
+    (a checkout) the file ``scripts/<name>.py`` next to the package."""
+    try:
+        return importlib.import_module(f"deltajax_scripts.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("deltajax_scripts", f"deltajax_scripts.{name}"):
+            raise
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"deltajax_scripts.{name}", path)
+    if spec is None or not path.exists():
+        raise ModuleNotFoundError(f"deltajax_scripts.{name}: no installed module and no {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(name: str) -> None:
+    mod = load_script(name)
+    main = sys.modules.get("__main__")
+    if main is not None:
+        main.__doc__ = mod.__doc__  # absl's --help prints the __main__ docstring
+    run(mod.main, user_errors=_USER_ERRORS.get(name, ()))
+
+
+def entry_convert() -> None:
+    _run("convert")
+
+
+def entry_compress() -> None:
+    _run("compress")
+
+
+def entry_export() -> None:
+    _run("export_hf")
+
+
+def entry_generate() -> None:
+    _run("generate")
+
+
+def entry_eval() -> None:
+    _run("eval")
+
+
+def entry_finetune() -> None:
+    _run("finetune")
+
+
+def entry_demo() -> None:
+    _run("demo")
 
 
 __all__ = ["USER_ERRORS", "UserError", "about", "check_out", "define_run_config", "fail",

@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from deltajax import accounting, data
 from deltajax.config import RunConfig, as_run_config
@@ -35,6 +34,7 @@ from deltajax.errors import BudgetError, NonFiniteError
 from deltajax.methods import Method, default_rules
 from deltajax.ops import DeltaWeight
 from deltajax.parallel import sharded
+from deltajax.progress import bar as tqdm  # process 0 only
 from deltajax.serve import multitenant
 from deltajax.steps import calibrate
 from deltajax.tree import Rule, flatten, is_linear, map_with_names, matrix_type, rule_for

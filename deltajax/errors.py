@@ -11,11 +11,13 @@ Both are `ValueError`s, so the scripts (`deltajax.cli`) print them as one ``erro
 
 from __future__ import annotations
 
+import re
+
 import ml_dtypes
 import numpy as np
 
-__all__ = ["BudgetError", "CheckpointError", "NonFiniteError", "check_finite_host",
-           "count_nonfinite"]
+__all__ = ["BudgetError", "CheckpointError", "NonFiniteError", "URLPathError",
+           "check_finite_host", "check_local_path", "count_nonfinite", "is_url"]
 
 
 class NonFiniteError(ValueError):
@@ -33,6 +35,45 @@ class BudgetError(ValueError):
     def __init__(self, message: str, *, min_ratio: float | None = None):
         super().__init__(message)
         self.min_ratio = min_ratio
+
+
+class URLPathError(ValueError):
+    """A path argument is a URL (``gs://...``) where deltajax reads or writes local files only."""
+
+
+_BACKENDS = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "az": "adlfs", "abfs": "adlfs",
+             "hf": "huggingface_hub", "http": "aiohttp", "https": "aiohttp"}
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path) -> bool:
+    """True for ``scheme://...`` strings (``gs://b/x``, ``s3://``, ``file://``)."""
+    return isinstance(path, str) and bool(_URL.match(path))
+
+
+def check_local_path(path, what: str) -> None:
+    """Raise `URLPathError` if `path` is a URL: deltajax's checkpoints, deltas and exports are
+    written and read with local file I/O (atomic renames, mmap'd safetensors); a URL given to
+    `pathlib` would silently become a local directory named ``gs:``.
+
+    Args:
+      path: the path as the user gave it (a str; `Path`s are local by construction).
+      what: what the path is, for the message (e.g. "output directory").
+    """
+    if not is_url(path):
+        return
+    scheme = path.split("://", 1)[0].lower()
+    try:
+        import fsspec
+
+        backend = fsspec.get_filesystem_class(scheme).__name__
+        status = f"its fsspec backend ({backend}) is installed, but deltajax's I/O is local-only"
+    except (ImportError, ValueError):
+        status = (f"no {scheme}:// filesystem backend is installed (etils.epath/fsspec would "
+                  f"need {_BACKENDS.get(scheme, 'a ' + scheme + ' package')})")
+    raise URLPathError(
+        f"{path}: {what} URLs are not supported ({status}); give a local path, e.g. a "
+        f"gcsfuse/s3fs mount of the bucket, or write locally and copy")
 
 
 # (unsigned view dtype, exponent mask, nan-only mask) of the ml_dtypes float formats: an entry is

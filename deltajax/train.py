@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from deltajax import model as M
 from deltajax.eval.metrics import token_nll
+from deltajax.progress import bar as tqdm  # process 0 only
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,8 @@ Example:
   python scripts/compress.py --base=smollm2 --finetuned=~/.cache/deltajax/smollm2-gsm8k-ft \
       --config=configs/bitdelta.py --config.distill_steps=50 --out=/tmp/delta-bitdelta
 
---base / --finetuned: HF directories, converted checkpoints (scripts/convert.py), or 'smollm2'.
+--base / --finetuned: HF directories, converted checkpoints (scripts/convert.py), 'smollm2',
+.gguf files or Hub ids 'org/name[@revision]' (README: Model sources).
 --config: a configs/*.py file whose get_config() returns a `deltajax.config.RunConfig`; every
 field can be overridden, typed: --config.<field>=<value> (e.g. --config.calib_windows=0) and
 --config.method.<field>=<value> (e.g. --config.method.bits=3, or --config.method.rank=64 with

@@ -18,15 +18,15 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import flags, logging
 
 from deltajax import cli
 from deltajax.io import hf
+from deltajax.io.resolve import resolve_model_dir
 from deltajax.parallel import sharding
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory.", required=True)
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model: a directory, a Hub id "
+                                "'org/name[@revision]', a .gguf file or 'smollm2'.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
 _DTYPE = flags.DEFINE_enum(
     "dtype", None, ["float32", "bfloat16", "float16"], "Cast weights to this dtype (default: keep)."
@@ -40,15 +40,15 @@ _MESH = flags.DEFINE_string(
 
 def main(argv: list[str]) -> None:
     cli.no_extra_args(argv)
-    cli.check_out(_OUT.value, _OVERWRITE.value, inputs=[_HF_DIR.value])  # before any work
+    cli.check_out(_OUT.value, _OVERWRITE.value, models=[_HF_DIR.value])  # before any work
     mesh = sharding.mesh_from_flag(_MESH.value, tag="convert")
     shard = None if mesh is None else sharding.param_sharding_fn(mesh)
     with cli.about("hf_dir"):
-        if not Path(_HF_DIR.value).expanduser().is_dir():
-            raise FileNotFoundError(f"{_HF_DIR.value} does not exist" if not Path(
-                _HF_DIR.value).expanduser().exists() else f"{_HF_DIR.value} is not a directory")
+        src = resolve_model_dir(_HF_DIR.value)  # an HF dir, a Hub id, a .gguf file, 'smollm2'
+        if not src.is_dir():
+            raise FileNotFoundError(f"{_HF_DIR.value} is not a directory")
         s = hf.convert_hf_to_checkpoint(
-            _HF_DIR.value, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value,
+            src, _OUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value,
             progress=True, sharding=shard,
         )
     c = s.config

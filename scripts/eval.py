@@ -28,6 +28,7 @@ from absl import app, flags
 
 from deltajax import cli, delta
 from deltajax import data as D
+from deltajax.errors import check_local_path
 from deltajax.eval import harness as E
 from deltajax.eval import plots
 from deltajax.io.resolve import load_model
@@ -82,6 +83,8 @@ def _check_out(*, keep: Path | None = None) -> None:
     """--out before any work: never an input (or inside one), writable, and an existing report
     only replaced with --overwrite (or --resume, which extends it; `keep`: the JSON that
     --render re-renders in place)."""
+    with cli.about("out"):
+        check_local_path(FLAGS.out, "report")
     out_md = Path(FLAGS.out).expanduser()
     out_json = out_md.with_suffix(".json")
     if out_md.suffix == ".json":

@@ -20,6 +20,7 @@ LAYERS = {
     "deltajax.data": 0,
     "deltajax.quant": 0,
     "deltajax.jax_cache": 0,
+    "deltajax.progress": 0,
     "deltajax.ops": 1,
     "deltajax.model": 1,
     "deltajax.parallel.sharding": 1,

@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 CFG = M.ModelConfig(vocab_size=53, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 OTHER = dataclasses.replace(CFG, intermediate_size=128)  # another architecture
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if p.name != "eval_sweep.py")
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py")
+                 if p.name not in ("eval_sweep.py", "__init__.py"))
 SCRIPTS = ("convert.py", "export_hf.py", "compress.py", "generate.py", "eval.py",
            "finetune.py", "demo.py")
 

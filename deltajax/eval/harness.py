@@ -32,7 +32,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from deltajax import model as M
 from deltajax import tree as T
@@ -44,6 +43,7 @@ from deltajax.eval.metrics import (
     perplexity,
     reference_logprobs,
 )
+from deltajax.progress import bar as tqdm  # process 0 only
 
 # =============================================================================================
 # Quality evaluation harness (issue 8): GSM8K accuracy, logit KL, reports.

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from deltajax import model as M
+from deltajax.progress import bar as tqdm  # process 0 only
 
 
 def token_nll(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -34,6 +34,7 @@ import numpy as np
 
 from deltajax import accounting
 from deltajax.containers import DeltaLeaf, LinearStats
+from deltajax.errors import check_local_path
 from deltajax.io.params_ckpt import (
     CheckpointError,
     atomic_dir,
@@ -245,6 +246,7 @@ def load_delta(path: str | os.PathLike, *, base_params=None, cfg=None,
     """
     import orbax.checkpoint as ocp
 
+    check_local_path(path, "delta")
     p = Path(path)
     meta = read_delta_meta(p)
     if cfg is not None:

@@ -257,7 +257,7 @@ def load_params(
         raise ValueError(f"dtype must be a float dtype, got {out_dtype}")
     by_name, tied_head = scan_tensors(hf_dir, cfg)
 
-    from tqdm.auto import tqdm
+    from deltajax.progress import bar as tqdm  # process 0 only
 
     shapes = model_lib.param_shapes(cfg)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=model_lib._is_shape)
@@ -382,7 +382,7 @@ def export_hf(
       ValueError: `out_dir` is, contains or lies inside `tokenizer_from`.
       FileNotFoundError: `tokenizer_from` is not a directory.
     """
-    from tqdm.auto import tqdm
+    from deltajax.progress import bar as tqdm  # process 0 only
 
     ckpt_lib.check_params(params, cfg)
     flat = ckpt_lib.flatten_params(params)

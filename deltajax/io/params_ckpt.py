@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deltajax import model as model_lib
-from deltajax.errors import CheckpointError
+from deltajax.errors import CheckpointError, check_local_path
 from deltajax.model import ModelConfig
 
 __all__ = [
@@ -113,6 +113,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, *,
       FileExistsError: `out_dir` exists, is not empty, and `overwrite` is False; or it is a file.
       ValueError: `out_dir` overlaps one of `inputs`.
     """
+    check_local_path(out_dir, "output directory")
     out = Path(out_dir).expanduser().absolute()
     check_destination(out, overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +245,7 @@ def check_destination(out: str | os.PathLike, overwrite: bool, *,
         `overwrite`.
       PermissionError: the nearest existing parent of `out` is not writable.
     """
+    check_local_path(out, "output directory")
     out = Path(out).expanduser()
     check_not_input(out, inputs)
     if out.is_symlink() or (out.exists() and not out.is_dir()):

@@ -39,12 +39,38 @@ def smollm2_hf_dir(out_dir: str | os.PathLike | None = None, *, log=print) -> Pa
     out = Path(out_dir) if out_dir else cache_root() / "smollm2-135m-instruct"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    src = gguf_path()
+    return gguf_to_hf_dir(gguf_path(), out, log=log)
+
+
+def gguf_cache_dir(src: str | os.PathLike) -> Path:
+    """Where `gguf_hf_dir` keeps the float HF directory of a GGUF file: keyed by the file's
+    absolute path, size and mtime (a changed file is converted again)."""
+    import hashlib
+
+    src = Path(src).expanduser().absolute()
+    st = src.stat()
+    key = hashlib.sha256(f"{src}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{src.stem}-{key}"
+
+
+def gguf_hf_dir(src: str | os.PathLike, *, log=print) -> Path:
+    """The float HF directory of a GGUF file (any family transformers' GGUF loader reads),
+    converted once into `gguf_cache_dir(src)` and reused."""
+    out = gguf_cache_dir(src)
+    if (out / "config.json").exists():
+        return out
+    return gguf_to_hf_dir(Path(src).expanduser(), out, log=log)
+
+
+def gguf_to_hf_dir(src: Path, out: Path, *, log=print) -> Path:
+    """Dequantize the GGUF file `src` with transformers and `save_pretrained` it (float
+    safetensors + tokenizer) into `out`, atomically."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:  # pragma: no cover
-        raise ImportError("GGUF import needs transformers, torch, gguf and accelerate") from e
-    log(f"[smollm2] dequantizing {src.name} with transformers -> {out}")
+        raise ImportError("GGUF import needs transformers, torch, gguf and accelerate "
+                          "(pip install 'deltajax[torch]')") from e
+    log(f"[gguf] dequantizing {src.name} with transformers -> {out}")
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     # The weights are already dequantized floats: forget the GGUF "quantization" so that
@@ -54,7 +80,7 @@ def smollm2_hf_dir(out_dir: str | os.PathLike | None = None, *, log=print) -> Pa
     model.hf_quantizer = None
     model.is_quantized = False
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

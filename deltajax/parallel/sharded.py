@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
 from deltajax import ops
 from deltajax.containers import (
@@ -48,6 +47,7 @@ from deltajax.containers import (
 )
 from deltajax.ops import DeltaWeight
 from deltajax.parallel import sharding as sh
+from deltajax.progress import bar as tqdm  # process 0 only
 from deltajax.steps import calibrate
 from deltajax.tree import flatten, map_with_names, rule_for
 

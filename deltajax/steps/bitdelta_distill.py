@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from deltajax import model as M
 from deltajax.containers import DeltaLeaf
+from deltajax.progress import bar as tqdm  # process 0 only
 from deltajax.tree import flatten, map_with_names
 
 

@@ -36,12 +36,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from deltajax import data
 from deltajax import model as M
 from deltajax.containers import DeltaLeaf, LinearStats, compress_leaf
 from deltajax.ops import DeltaWeight
+from deltajax.progress import bar as tqdm  # process 0 only
 from deltajax.tree import flatten, rule_for
 
 _HI = jax.lax.Precision.HIGHEST

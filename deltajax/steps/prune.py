@@ -28,10 +28,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from deltajax import model as M
 from deltajax.methods.dsnot import INITS, STOP_RULES, initial_mask, refine_with_info
+from deltajax.progress import bar as tqdm  # process 0 only
 from deltajax.steps import calibrate
 
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
