@@ -625,19 +625,22 @@ def quiet_failed_reads() -> Iterator[None]:
     """When a restore fails, orbax's other reads of that restore fail too, in its background
     event loop, and Python prints a traceback for each ("Exception ignored in: <coroutine
     _read_array_index_and_device_put ...>", "Event loop is closed"), now or at exit: from the
-    first failure on, those (and only those) are dropped, so the user sees the one error line
+    first restore on, those (and only those) are dropped, so the user sees the one error line
     (``DELTAJAX_TRACEBACK=1`` keeps them)."""
     import gc
     import sys
 
+    quiet = os.environ.get("DELTAJAX_TRACEBACK", "") in ("", "0")
+    # installed before the restore: orbax's background reads can fail (and print) while the
+    # failed restore is still unwinding, before the except clause below runs
+    if quiet and sys.unraisablehook is not _quiet_unraisable_hook:
+        _quiet_unraisable_hook.previous = sys.unraisablehook
+        sys.unraisablehook = _quiet_unraisable_hook
     try:
         yield
     except Exception as e:
-        if os.environ.get("DELTAJAX_TRACEBACK", "") not in ("", "0"):
+        if not quiet:
             raise
-        if sys.unraisablehook is not _quiet_unraisable_hook:
-            _quiet_unraisable_hook.previous = sys.unraisablehook
-            sys.unraisablehook = _quiet_unraisable_hook
         # the frames of the failed restore hold the reads' coroutines: collect them now
         e.__traceback__, e.__context__, e.__cause__ = None, None, None
         gc.collect()
